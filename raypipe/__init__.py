@@ -1,0 +1,1 @@
+"""raypipe: from raw data to load-balanced REST endpoints on a Ray cluster."""

@@ -1,0 +1,169 @@
+"""The raypipe command line: parse, validate, log the resolved config, start Ray, call one function.
+
+Exit codes: 0 success; 2 bad input (config, flag, file, data schema), one line naming it, nothing
+written; 1 runtime failure. Logs go to stderr; `raypipe run` prints the run URI as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+# Keep every address Ray advertises on loopback for an embedded local Ray; read when ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from raypipe import config as config_mod  # noqa: E402
+from raypipe.config import Config, ConfigError  # noqa: E402
+
+log = logging.getLogger("raypipe")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def _setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s raypipe %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    overrides = dict(config_mod.SMOKE_OVERRIDES) if getattr(args, "smoke_test", False) else {}
+    overrides.update(config_mod.parse_override(item) for item in args.set or [])
+    cfg = config_mod.load(args.config, overrides)
+    log.info("config %s", json.dumps(cfg.public_dict(), separators=(",", ":")))
+    return cfg
+
+
+def _init_ray(address: str | None, cfg: Config | None = None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("ray: connecting to %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("ray: starting an embedded local Ray on 127.0.0.1")
+        # Ray Train's controller polls workers every 2 s by default, which each per-epoch report waits on.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        ray.init(num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
+                 include_dashboard=False, configure_logging=False)
+
+
+# ---- commands --------------------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a config file (and --set overrides) without running anything."""
+    args.config = args.file
+    _load_config(args)
+    print(f"{args.file}: valid")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the whole pipeline: data -> train -> compress -> report; prints the run URI last."""
+    cfg = _load_config(args)
+    _init_ray(args.address, cfg)
+    from raypipe import pipeline
+
+    paths = pipeline.run(cfg)
+    print(paths.uri, flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run's accepted variants on Ray Serve until Ctrl-C (V2 REST API)."""
+    from raypipe.serving import ServeArgs, build_app, open_verified
+
+    s3 = config_mod.load(args.config).storage.s3 if args.config else config_mod.S3Config()
+    open_verified(args.run, s3)
+    _init_ray(args.address)
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(build_app(ServeArgs(run=args.run, s3=s3)), name="raypipe", route_prefix="/")
+        log.info("serving %s on http://%s:%d/v2 (docs: /docs); Ctrl-C to stop", args.run, args.host, args.port)
+        stop.wait()
+    finally:
+        log.info("shutting down Serve")
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    return 0
+
+
+# ---- parsing ---------------------------------------------------------------------------------------
+
+def _common(parser: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        parser.add_argument("--config", metavar="FILE", help="pipeline config (default: configs/default.yaml)")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help="override a config key, value parsed as YAML (repeatable), e.g. train.epochs=5")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raypipe",
+        description="From raw data to load-balanced REST endpoints on a Ray cluster.",
+        epilog="Run with no arguments to run the whole pipeline on the bundled digits data set.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
+    _common(run)
+    run.add_argument("--smoke-test", action="store_true", help="a few hundred rows and a few epochs (about a minute)")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
+    validate.add_argument("file", help="config file to check")
+    validate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    validate.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    validate.set_defaults(func=cmd_validate, smoke_test=False)
+
+    serve = commands.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    serve.add_argument("run", help="run URI printed by `raypipe run` (local path or s3://)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the run")
+    _common(serve, config=False)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["run"])
+    if args.command is None:
+        args = parser.parse_args(["run", *argv])
+    _setup_logging(args.log_format)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"raypipe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a runtime failure: say what, keep the traceback in the log
+        log.exception("failed: %s", err)
+        print(f"raypipe: error: {err}", file=sys.stderr)
+        return 1
+

@@ -1,0 +1,242 @@
+"""The one typed config that drives every stage.
+
+Validated once, where the user enters (the CLI), before Ray starts. Errors name the user's key.
+No Ray or torch imports here: this module must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+# What `--smoke-test` changes in any config: a few hundred rows, a few epochs, about a minute.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.limit": 500,
+    "train.epochs": 4,
+    "train.batch_size": 32,
+    "compress.latency_repeats": 5,
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input: one line naming the key, file or column. The CLI exits 2 on it."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class S3Config(_Model):
+    """Where s3:// URIs live. Unset fields fall back to the usual AWS variables and files."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. a MinIO or moto server. Default: AWS_ENDPOINT_URL or AWS.")
+    region: str | None = Field(None, description="Region name. Default: AWS_DEFAULT_REGION.")
+    access_key_id: SecretStr | None = Field(None, description="Access key id. Default: AWS_ACCESS_KEY_ID. Never logged.")
+    secret_access_key: SecretStr | None = Field(None, description="Secret key. Default: AWS_SECRET_ACCESS_KEY. Never logged.")
+
+
+class StorageConfig(_Model):
+    root: str = Field("./runs", description="Where runs go: a local folder or s3://bucket/prefix.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URIs.")
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str) -> str:
+        if root.startswith("s3://"):
+            if len(root) <= len("s3://") or root[len("s3://")] == "/":
+                raise ValueError("an s3:// root needs a bucket: s3://bucket/prefix")
+            return root.rstrip("/")
+        if "://" in root:
+            raise ValueError(f"unsupported scheme in {root!r}: use a local path or s3://")
+        return str(Path(root).expanduser().resolve())
+
+
+class SplitConfig(_Model):
+    val: float = Field(0.15, gt=0, lt=0.5, description="Fraction of rows held out for validation.")
+    test: float = Field(0.15, gt=0, lt=0.5, description="Fraction of rows held out for the final test.")
+
+
+class AugmentConfig(_Model):
+    ops: list[Literal["shift", "rotate", "noise"]] = Field(
+        default_factory=lambda: ["shift", "rotate", "noise"],
+        description="Augmentations applied to the train split, freshly each epoch, in this order.",
+    )
+    max_shift: int = Field(1, ge=0, le=4, description="Largest shift in pixels, each axis.")
+    max_degrees: float = Field(10.0, ge=0, le=45, description="Largest rotation in degrees.")
+    noise_std: float = Field(0.5, ge=0, description="Gaussian noise, in raw pixel units.")
+
+
+class DataConfig(_Model):
+    source: str = Field("digits", description="'digits' (bundled with scikit-learn) or a data URI.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many rows (smoke tests).")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Validation and test fractions.")
+    standardize: Literal["channel", "feature"] = Field(
+        "channel", description="Standardize per image channel or per feature, fitted on the train split only.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Train-time augmentation.")
+    rows_per_shard: int = Field(2048, gt=0, description="Target rows per parquet shard.")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source != "digits":
+            raise ValueError(f"unknown data source {source!r}: only 'digits' is supported so far")
+        return source
+
+
+class ModelConfig(_Model):
+    arch: Literal["mlp", "cnn"] = Field("mlp", description="mlp (hidden layers) or cnn (small conv net).")
+    hidden: list[int] = Field(default_factory=lambda: [256, 128], min_length=1, description="MLP hidden widths.")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="CNN conv channels.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier.")
+
+
+class WorkersRange(_Model):
+    min: int = Field(ge=1, description="Fewest workers the run may use.")
+    max: int = Field(ge=1, description="Most workers the run may use.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkersRange:
+        if self.min > self.max:
+            raise ValueError(f"train.workers.min ({self.min}) must be <= train.workers.max ({self.max})")
+        return self
+
+
+class TrainConfig(_Model):
+    epochs: int = Field(30, ge=1, description="Epochs to train.")
+    batch_size: int = Field(64, ge=1, description="Global batch size, split evenly across workers.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    workers: int | WorkersRange = Field(2, description="Number of data-parallel workers, or {min, max}.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; fractions leave room for Ray Data.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu, or cuda for one GPU per worker.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("fp32", description="Autocast precision.")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts allowed after failures (-1: unlimited).")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs (and after the last).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by validation accuracy.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, workers: Any) -> int | WorkersRange:
+        if isinstance(workers, dict):
+            try:
+                return WorkersRange.model_validate(workers)
+            except ValidationError as err:
+                first = err.errors()[0]
+                sub = ".".join(str(p) for p in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"train.workers.{sub}: {msg}" if sub else msg) from None
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"train.workers: must be an integer >= 1 or {{min, max}} (got {workers!r})")
+        return workers
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        if isinstance(self.workers, int):
+            return self.workers, self.workers
+        return self.workers.min, self.workers.max
+
+
+class CompressConfig(_Model):
+    int8: bool = Field(True, description="Also build a statically quantized int8 variant (ONNX Runtime).")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest test-accuracy drop against fp32 a variant may have.")
+    calibration_rows: int = Field(512, ge=1, description="Train rows used to calibrate int8 activation ranges.")
+    latency_repeats: int = Field(30, ge=1, description="Timed calls per batch size; the median is reported.")
+
+
+class ServeConfig(_Model):
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas per variant.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas per variant (autoscaling).")
+    target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    cpus_per_replica: float = Field(0.25, gt=0, description="CPUs each model replica reserves.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas ({self.min_replicas}) must be <= serve.max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class RayConfig(_Model):
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the embedded local Ray (default: all).")
+
+
+class Config(_Model):
+    """A whole pipeline: data -> train -> compress -> store -> serve."""
+
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name served over REST.")
+    seed: int = Field(0, description="Seeds the split, the augmentation and the model initialisation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data, secrets left out: safe to log and to write."""
+        data = self.model_dump(mode="json")
+        data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if "key" not in k}
+        return data
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> ("key.sub", value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value is not valid YAML ({err.problem})") from None
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if first["type"] == "missing":
+        return f"{loc}: required"
+    if msg.startswith(loc) or not loc:
+        return msg
+    return f"{loc}: {msg}" if "(got" in msg else f"{loc}: {msg} (got {first['input']!r})"
+
+
+def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Raises ConfigError naming the key."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _set_path(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,138 @@
+"""report.json (for machines), report.md and plots/*.png (for people)."""
+
+from __future__ import annotations
+
+import io
+from importlib.metadata import version
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from raypipe.storage import RunPaths, sha256_bytes  # noqa: E402
+
+
+def versions() -> dict[str, str]:
+    return {pkg: version(pkg) for pkg in ("raypipe", "ray", "torch", "onnxruntime")}
+
+
+def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any], trained: dict[str, Any],
+          variants: list[dict[str, Any]], promoted: str) -> dict[str, Any]:
+    """The report.json document; every field is described in the README."""
+    data_files = _hashes(paths, "data/")
+    # One digest for the whole data set: over each file's path and sha256, in path order.
+    dataset_sha = sha256_bytes("".join(f"{rel}:{sha}\n" for rel, sha in sorted(data_files.items())).encode())
+    return {
+        "run_id": paths.run_id,
+        "uri": paths.uri,
+        "versions": versions(),
+        "config": public_config,
+        "data": {
+            "source": stats["source"],
+            "rows_read": stats["rows_read"],
+            "rows_dropped": stats["rows_dropped"],
+            "rows": stats["rows"],
+            "shards": stats["shards"],
+            "augmentations": stats["augmentations"],
+        },
+        "train": {
+            "workers": trained["workers"],
+            "device": trained["device"],
+            "precision": trained["precision"],
+            "epochs": len(trained["history"]),
+            "history": trained["history"],
+            "samples_per_second": trained["samples_per_second"],
+            "restarts": trained["restarts"],
+            "resizes": trained.get("resizes", 0),
+            "checkpoint": paths.child_uri(trained["checkpoint"]),
+            "best_epoch": trained["best_epoch"],
+        },
+        "variants": variants,
+        "promoted": promoted,
+        "lineage": {
+            "dataset": dataset_sha,
+            "checkpoint": _hashes(paths, trained["checkpoint"])[trained["checkpoint"]],
+            "artifacts": {v["name"]: v["sha256"] for v in variants},
+        },
+    }
+
+
+def _hashes(paths: RunPaths, prefix: str) -> dict[str, str]:
+    return {rel: sha256_bytes(paths.read_bytes(rel)) for rel in paths.files() if rel.startswith(prefix)}
+
+
+def _training_plot(history: list[dict[str, Any]]) -> bytes:
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    left.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    left.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    left.legend()
+    right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green")
+    right.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1.01))
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _variants_plot(variants: list[dict[str, Any]]) -> bytes:
+    names = [v["name"] for v in variants]
+    colors = ["tab:blue" if v["accepted"] else "tab:red" for v in variants]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    panels = (
+        ("size (KiB)", [v["size_bytes"] / 1024 for v in variants]),
+        ("test accuracy", [v["test_accuracy"] for v in variants]),
+        ("latency, batch 64 (ms)", [v["latency_ms"]["batch_64"] for v in variants]),
+    )
+    for axis, (title, values) in zip(axes, panels):
+        axis.bar(names, values, color=colors)
+        axis.set_title(title)
+        axis.grid(axis="y", alpha=0.3)
+    fig.suptitle("Variants (red: rejected by the accuracy guard)")
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    data, trained = report["data"], report["train"]
+    last = trained["history"][-1]
+    lines = [
+        f"# raypipe run `{report['run_id']}`",
+        "",
+        f"Data: {data['rows_read']} rows read, dropped {data['rows_dropped']}, split {data['rows']}, "
+        f"augmentations {', '.join(data['augmentations']) or 'none'}.",
+        "",
+        f"Training: {trained['workers']} workers on {trained['device']}, {trained['precision']}, "
+        f"{trained['epochs']} epochs, {trained['restarts']} restarts; "
+        f"final validation accuracy {last['val_accuracy']:.4f}; "
+        f"{(trained['samples_per_second'] or 0):.0f} samples/s.",
+        "",
+        "![training curves](plots/training.png)",
+        "",
+        "| variant | format | size (KiB) | test accuracy | latency b=1 (ms) | latency b=64 (ms) | accepted | reason |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for v in report["variants"]:
+        lines.append(
+            f"| {v['name']}{' (promoted)' if v['name'] == report['promoted'] else ''} | {v['format']} | "
+            f"{v['size_bytes'] / 1024:.1f} | {v['test_accuracy']:.4f} | {v['latency_ms']['batch_1']:.3f} | "
+            f"{v['latency_ms']['batch_64']:.3f} | {'yes' if v['accepted'] else 'no'} | {v['reason']} |"
+        )
+    lines += ["", "![variants](plots/variants.png)", ""]
+    return "\n".join(lines)
+
+
+def write(paths: RunPaths, report: dict[str, Any]) -> None:
+    paths.write_bytes("plots/training.png", _training_plot(report["train"]["history"]))
+    paths.write_bytes("plots/variants.png", _variants_plot(report["variants"]))
+    paths.write_bytes("report.md", _markdown(report).encode())
+    paths.write_json("report.json", report)

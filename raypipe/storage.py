@@ -1,0 +1,180 @@
+"""The only module that knows URIs: local paths and s3:// through fsspec/s3fs.
+
+Every stage reads and writes a run through `RunPaths`. Writes are atomic where the store allows: a local
+file is written under a temporary name and renamed; an S3 object appears whole on PUT. `seal` writes
+MANIFEST.json last, so a run without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.fs
+
+from raypipe.config import ConfigError, S3Config, StorageConfig
+
+MANIFEST = "MANIFEST.json"
+
+
+def filesystem(uri: str, s3: S3Config | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a URI; S3 settings come from config, else the AWS variables."""
+    if not uri.startswith("s3://"):
+        return fsspec.filesystem("file")
+    s3 = s3 or S3Config()
+    options: dict[str, Any] = {}
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if s3.region:
+        options["client_kwargs"] = {"region_name": s3.region}
+    if s3.access_key_id and s3.secret_access_key:
+        options["key"] = s3.access_key_id.get_secret_value()
+        options["secret"] = s3.secret_access_key.get_secret_value()
+    return fsspec.filesystem("s3", **options)
+
+
+def strip_scheme(uri: str) -> str:
+    return uri.removeprefix("s3://")
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """A pyarrow view of an fsspec filesystem, for Ray Data and Ray Train (which take pyarrow)."""
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """One run's folder: `<root>/<run_id>/`, local or on S3."""
+
+    root: str
+    run_id: str
+    s3: S3Config
+
+    @classmethod
+    def create(cls, storage: StorageConfig, name: str) -> RunPaths:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return cls(storage.root, f"{name}-{stamp}-{secrets.token_hex(3)}", storage.s3)
+
+    @classmethod
+    def open(cls, uri: str, s3: S3Config | None = None) -> RunPaths:
+        """An existing run by its URI (what `raypipe run` printed)."""
+        uri = uri.rstrip("/")
+        if not uri.startswith("s3://"):
+            uri = str(Path(uri).expanduser().resolve())
+        root, _, run_id = uri.rpartition("/")
+        paths = cls(root, run_id, s3 or S3Config())
+        if not paths.fs.isdir(paths.path("")):
+            raise ConfigError(f"{uri}: no such run")
+        return paths
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.run_id}"
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return filesystem(self.root, self.s3)
+
+    @property
+    def arrow_fs(self) -> pyarrow.fs.FileSystem:
+        return arrow_filesystem(self.fs)
+
+    def path(self, rel: str) -> str:
+        """Filesystem path (no scheme) of a file in this run, as fsspec and pyarrow want it."""
+        return posixpath.join(strip_scheme(self.uri), rel) if rel else strip_scheme(self.uri)
+
+    def child_uri(self, rel: str) -> str:
+        return f"{self.uri}/{rel}"
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        fs, target = self.fs, self.path(rel)
+        if self.is_s3:
+            fs.pipe_file(target, data)
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=False).encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def upload_dir(self, local_dir: str | os.PathLike, rel: str) -> None:
+        """Copy a local folder into the run, file by file, each write atomic."""
+        local_dir = Path(local_dir)
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.write_bytes(f"{rel}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
+
+    def download_dir(self, rel: str, local_dir: str | os.PathLike) -> Path:
+        local_dir = Path(local_dir)
+        base = self.path(rel)
+        for remote in self.fs.find(base):
+            target = local_dir / posixpath.relpath(remote, base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fs.cat_file(remote))
+        return local_dir
+
+    def files(self) -> list[str]:
+        """Relative paths of every file in the run, MANIFEST.json and temporaries excluded."""
+        base = self.path("")
+        rels = (posixpath.relpath(p, base) for p in self.fs.find(base))
+        return sorted(r for r in rels if r != MANIFEST and not posixpath.basename(r).startswith(".tmp-"))
+
+    def seal(self) -> dict[str, Any]:
+        """Write MANIFEST.json (sha256 and size of every file), last of all."""
+        files = {}
+        for rel in self.files():
+            data = self.read_bytes(rel)
+            files[rel] = {"sha256": sha256_bytes(data), "size": len(data)}
+        manifest = {"run_id": self.run_id, "files": files}
+        self.write_json(MANIFEST, manifest)
+        return manifest
+
+    def verify(self) -> list[str]:
+        """Problems with the run's files against its MANIFEST.json; empty when it is whole."""
+        if not self.exists(MANIFEST):
+            return [f"{self.uri}: no {MANIFEST} (the run is incomplete or failed)"]
+        expected = self.read_json(MANIFEST)["files"]
+        problems = []
+        present = set(self.files())
+        for rel, entry in sorted(expected.items()):
+            if rel not in present:
+                problems.append(f"{rel}: missing")
+            elif sha256_bytes(self.read_bytes(rel)) != entry["sha256"]:
+                problems.append(f"{rel}: sha256 does not match the manifest")
+        problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
+        return problems

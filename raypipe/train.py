@@ -1,0 +1,228 @@
+"""The train stage on Ray Train: a TorchTrainer whose workers each stream their own shard.
+
+The per-worker loop follows Ray's idiom: `get_dataset_shard`, `prepare_model` (DDP), a rank-0
+checkpoint holding model, optimizer, grad scaler, scheduler, epoch and history, `report` once per epoch,
+and resume through `get_checkpoint()`. A worker-group restart after a failure resumes from the latest
+checkpoint, so a lost worker costs at most `train.checkpoint_every` epochs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from raypipe import data, models
+from raypipe.config import Config, TrainConfig
+from raypipe.storage import RunPaths
+
+log = logging.getLogger("raypipe")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU (bf16 there is slow on
+    most CPUs without AMX); an explicit choice is kept."""
+    if precision != "auto":
+        return precision
+    if device == "cuda" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every worker. Returns (on rank 0) the history and throughput for the report."""
+    cfg = Config.model_validate(loop["config"])
+    tcfg, stats = cfg.train, loop["stats"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(tcfg.precision, device.type)
+
+    model = ray.train.torch.prepare_model(models.build(cfg.model, stats))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # A grad scaler only does anything for fp16; it is saved and restored either way.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    per_worker_batch = max(1, tcfg.batch_size // world)
+    steps_per_epoch = max(1, math.ceil(stats["rows"]["train"] / world / per_worker_batch))
+    total_steps = steps_per_epoch * tcfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _warmup_cosine(step, total_steps, warmup=steps_per_epoch)
+    )
+
+    start_epoch, history, starts = 0, [], 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, history, starts = state["epoch"], state["history"], state["starts"] + 1
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    loss_fn = nn.CrossEntropyLoss()
+    rates = []
+    for epoch in range(start_epoch, tcfg.epochs):
+        model.train()
+        began, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
+            x = torch.from_numpy(data.augment(batch, cfg.data.augment, stats["image_shape"], cfg.seed, epoch))
+            y = torch.as_tensor(np.array(batch["label"]), device=device)
+            with _autocast(precision, device):
+                loss = loss_fn(model(x.to(device)), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+        elapsed = time.perf_counter() - began
+        val_loss, val_correct, val_seen = _evaluate(model, val_shard, loss_fn, precision, device)
+        loss_sum, seen, val_loss, val_correct, val_seen, elapsed = _all_reduce(
+            [loss_sum, seen, val_loss, val_correct, val_seen, elapsed]
+        )
+        # Global samples per second of mean worker time; the first epoch of each start pays for warm-up.
+        if epoch > start_epoch:
+            rates.append(seen / (elapsed / world))
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_loss": val_loss / max(val_seen, 1),
+            "val_accuracy": val_correct / max(val_seen, 1),
+        }
+        history.append(metrics)
+        done = epoch + 1 == tcfg.epochs
+        if rank == 0 and ((epoch + 1) % tcfg.checkpoint_every == 0 or done):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "starts": starts,
+                        "precision": precision,
+                    },
+                    os.path.join(folder, CHECKPOINT_FILE),
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+    return {
+        "history": history,
+        "restarts": starts - 1,
+        "samples_per_second": float(np.median(rates)) if rates else None,
+        "precision": precision,
+        "device": device.type,
+        "workers": world,
+    }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def _evaluate(model, shard, loss_fn, precision, device) -> tuple[float, float, float]:
+    model.eval()
+    loss_sum = correct = seen = 0.0
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        x, y = torch.as_tensor(np.array(batch["x"]), device=device), torch.as_tensor(np.array(batch["label"]), device=device)
+        with _autocast(precision, device):
+            logits = model(x)
+        loss_sum += loss_fn(logits.float(), y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
+def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
+    low, high = tcfg.worker_range()
+    return ScalingConfig(
+        num_workers=low if low == high else (low, high),
+        use_gpu=tcfg.device == "cuda",
+        resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.device == "cuda" else {})},
+    )
+
+
+def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+    """Train on the run's data; returns history, throughput and the best checkpoint's path in the run."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.public_dict(), "stats": stats},
+        scaling_config=scaling_config(cfg.train),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=paths.path(""),
+            storage_filesystem=paths.arrow_fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    result = trainer.fit()
+    best, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+    summary = dict(result.return_value)
+    summary["checkpoint"] = posixpath.join(posixpath.relpath(best.path, paths.path("")), CHECKPOINT_FILE)
+    summary["best_epoch"] = best_metrics["epoch"]
+    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", summary["checkpoint"],
+             best_metrics["epoch"], best_metrics["val_accuracy"])
+    return summary
+
+
+def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:
+    """The trained fp32 model from a checkpoint file in the run, in eval mode."""
+    state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=False, map_location="cpu")
+    model = models.build(cfg.model, stats)
+    model.load_state_dict(state["model"])
+    return model.eval()
