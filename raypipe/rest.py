@@ -91,6 +91,20 @@ class Backend(Protocol):
     async def version_ready(self, version: str) -> bool: ...
 
 
+class LocalBackend:
+    """Models in this process: for the edge server and for tests of the routes."""
+
+    def __init__(self, catalog: Catalog, models: dict[str, Any]):
+        self.catalog = catalog
+        self.models = models
+
+    async def infer(self, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.models[version].predict(x)
+
+    async def version_ready(self, version: str) -> bool:
+        return version in self.models
+
+
 class BadRequest(HTTPException):
     def __init__(self, message: str):
         super().__init__(status_code=400, detail=message)

@@ -1,0 +1,74 @@
+"""Shared test helpers: loopback-only Ray, a real S3 endpoint (moto's server), a smoke run.
+
+Never two Ray clusters at once: tests that run raypipe as a subprocess (which starts its own embedded
+Ray) live in modules that hold no in-process Ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Ray at import: keeps every address Ray advertises on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raypipe(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m raypipe ARGS` as a user would; returns the finished process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "raypipe", *args],
+        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@dataclass
+class Run:
+    uri: str
+    process: subprocess.CompletedProcess
+
+    @property
+    def path(self) -> Path:
+        return Path(self.uri)
+
+    def report(self) -> dict:
+        return json.loads((self.path / "report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Run:
+    """One local smoke run for the whole session (its own embedded Ray, in a subprocess)."""
+    root = tmp_path_factory.mktemp("runs")
+    done = raypipe("run", "--smoke-test", "--set", f"storage.root={root}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return Run(done.stdout.strip().splitlines()[-1], done)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's real S3 HTTP server on a free loopback port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

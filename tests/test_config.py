@@ -1,0 +1,94 @@
+"""Config: every shipped file loads; bad keys and values exit 2 naming the key, before Ray, writing nothing."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypipe import config
+from raypipe.config import ConfigError
+from tests.conftest import REPO, raypipe
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path):
+    cfg = config.load(path)
+    assert cfg.train.max_failures >= 1
+
+
+def test_default_config_is_digits_with_seed():
+    raw = yaml.safe_load(config.DEFAULT_CONFIG.read_text())
+    assert raw["seed"] == 0 and raw["data"]["source"] == "digits" and raw["name"] == "digits"
+
+
+def test_overrides_parse_yaml_values():
+    cfg = config.load(None, dict(config.parse_override(s) for s in
+                                 ["train.workers={min: 1, max: 3}", "train.epochs=5", "compress.int8=false"]))
+    assert cfg.train.worker_range() == (1, 3)
+    assert cfg.train.epochs == 5 and cfg.compress.int8 is False
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bogus=1", "train.bogus: unknown key"),
+        ("train.workers={min: 4, max: 2}", "train.workers.min (4) must be <= train.workers.max (2)"),
+        ("train.workers=0", "train.workers: must be an integer >= 1"),
+        ("train.precision=fp8", "train.precision:"),
+        ("model.arch=vit", "model.arch:"),
+        ("train.epochs=abc", "train.epochs:"),
+        ("storage.root=ftp://bucket", "storage.root:"),
+        ("compress.max_accuracy_drop=-0.1", "compress.max_accuracy_drop:"),
+        ("serve.min_replicas=3", "serve.min_replicas (3) must be <= serve.max_replicas (2)"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, dict([config.parse_override(override)]))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_secrets_are_kept_out_of_the_public_config():
+    cfg = config.load(None, {"storage.s3.access_key_id": "AKIAEXAMPLE", "storage.s3.secret_access_key": "hush"})
+    public = yaml.safe_dump(cfg.public_dict())
+    assert "AKIAEXAMPLE" not in public and "hush" not in public
+    assert "hush" not in repr(cfg) and "hush" not in str(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "train.workers={min: 4, max: 2}"], "train.workers.min (4)"),
+        (["--set", "train.nope=1"], "train.nope: unknown key"),
+        (["--set", "model.arch=vit"], "model.arch"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+        (["--set", "novalue"], "--set 'novalue'"),
+    ],
+)
+def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, args, needle):
+    root = tmp_path / "runs"
+    done = raypipe("run", "--set", f"storage.root={root}", *args, timeout=60)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("raypipe: error:") and needle in last
+    assert not root.exists()
+    assert "ray: starting" not in done.stderr
+
+
+def test_validate_command(tmp_path):
+    good = raypipe("validate", str(REPO / "configs" / "default.yaml"), timeout=60)
+    assert good.returncode == 0 and "valid" in good.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  precision: fp64\n")
+    done = raypipe("validate", str(bad), timeout=60)
+    assert done.returncode == 2 and "train.precision" in done.stderr
+
+
+def test_help_reads_well():
+    done = raypipe("--help", timeout=60)
+    assert done.returncode == 0
+    for command in ("run", "serve", "validate"):
+        assert command in done.stdout

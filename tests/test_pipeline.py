@@ -1,0 +1,79 @@
+"""The whole pipeline as a user runs it: `python -m raypipe run --smoke-test` in a subprocess."""
+
+import hashlib
+import json
+import shutil
+
+import yaml
+
+from raypipe.storage import RunPaths
+
+REPORT_KEYS = {"run_id", "versions", "config", "data", "train", "variants", "promoted", "lineage"}
+DATA_KEYS = {"rows_read", "rows_dropped", "rows", "shards", "augmentations"}
+TRAIN_KEYS = {"workers", "device", "precision", "epochs", "history", "samples_per_second", "restarts", "checkpoint"}
+VARIANT_KEYS = {"name", "format", "uri", "size_bytes", "test_accuracy", "latency_ms", "accepted", "reason"}
+
+
+def test_prints_the_run_uri_last_and_logs_the_config(smoke_run):
+    assert smoke_run.path.is_absolute() and smoke_run.path.is_dir()
+    assert "raypipe INFO config {" in smoke_run.process.stderr
+
+
+def test_report_holds_every_field(smoke_run):
+    report = smoke_run.report()
+    assert REPORT_KEYS <= report.keys()
+    assert set(report["versions"]) >= {"raypipe", "ray", "torch"}
+    assert DATA_KEYS <= report["data"].keys() and TRAIN_KEYS <= report["train"].keys()
+    data, train = report["data"], report["train"]
+    assert data["rows_read"] == 500
+    assert sum(data["rows"].values()) + sum(data["rows_dropped"].values()) == data["rows_read"]
+    assert set(data["rows_dropped"]) >= {"nan", "duplicate"}
+    assert train["workers"] == 2 and train["epochs"] == 4 and train["restarts"] == 0
+    assert [h["epoch"] for h in train["history"]] == [1, 2, 3, 4]
+    assert train["samples_per_second"] > 0
+    # Learning happened: the loss falls and validation accuracy is well above chance (0.1).
+    assert train["history"][-1]["train_loss"] < train["history"][0]["train_loss"]
+    assert max(h["val_accuracy"] for h in train["history"]) > 0.5
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["fp32", "int8"]
+    for variant in report["variants"]:
+        assert VARIANT_KEYS <= variant.keys()
+        assert set(variant["latency_ms"]) == {"batch_1", "batch_64"}
+    fp32, int8 = report["variants"]
+    assert fp32["accepted"] and fp32["test_accuracy"] > 0.5
+    assert int8["size_bytes"] < fp32["size_bytes"] / 2
+    assert int8["accepted"] == (fp32["test_accuracy"] - int8["test_accuracy"] <= 0.01 + 1e-9)
+    assert report["promoted"] in {v["name"] for v in report["variants"] if v["accepted"]}
+    assert set(report["lineage"]) == {"dataset", "checkpoint", "artifacts"}
+
+
+def test_run_layout_and_manifest_checksums(smoke_run):
+    run = smoke_run.path
+    for rel in ("config.yaml", "data/stats.json", "report.json", "report.md", "plots/training.png",
+                "plots/variants.png", "models/fp32/model.onnx", "models/fp32/meta.json", "models/int8/model.onnx"):
+        assert (run / rel).is_file(), rel
+    for split in ("train", "val", "test"):
+        assert list((run / "data" / split).glob("*.parquet")), split
+    assert list((run / "checkpoints").glob("checkpoint_*/checkpoint.pt"))
+    manifest = json.loads((run / "MANIFEST.json").read_text())
+    on_disk = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()} - {"MANIFEST.json"}
+    assert set(manifest["files"]) == on_disk
+    for rel, entry in manifest["files"].items():
+        blob = (run / rel).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"] and len(blob) == entry["size"], rel
+    meta = json.loads((run / "models/int8/meta.json").read_text())
+    assert meta["sha256"] == manifest["files"]["models/int8/model.onnx"]["sha256"]
+    stats = json.loads((run / "data/stats.json").read_text())
+    assert len(stats["standardize"]["mean"]) == 64
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["name"] == "digits"
+
+
+def test_verify_catches_a_changed_file(smoke_run, tmp_path):
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    assert RunPaths.open(str(copy)).verify() == []
+    (copy / "models/fp32/model.onnx").write_bytes(b"not a model")
+    assert RunPaths.open(str(copy)).verify() == ["models/fp32/model.onnx: sha256 does not match the manifest"]
+    (copy / "MANIFEST.json").unlink()
+    assert "no MANIFEST.json" in RunPaths.open(str(copy)).verify()[0]

@@ -1,0 +1,54 @@
+"""The smoke run with storage.root on S3: moto's real S3 server on loopback, s3fs as on AWS."""
+
+import json
+
+import pytest
+import s3fs
+import yaml
+
+from raypipe.config import S3Config
+from raypipe.storage import RunPaths
+from tests.conftest import raypipe
+
+KEY_ID, SECRET = "AKIARAYPIPETEST", "sEcReT-raypipe-do-not-log"
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_endpoint):
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key=KEY_ID, secret=SECRET)
+    fs.mkdir("raypipe-test")
+    done = raypipe(
+        "run", "--smoke-test",
+        "--set", "storage.root=s3://raypipe-test/runs",
+        "--set", f"storage.s3.endpoint_url={s3_endpoint}",
+        "--set", f"storage.s3.access_key_id={KEY_ID}",
+        "--set", f"storage.s3.secret_access_key={SECRET}",
+        env={"AWS_DEFAULT_REGION": "us-east-1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    uri = done.stdout.strip().splitlines()[-1]
+    return uri, done, fs
+
+
+def test_run_lands_on_s3_whole(s3_run, s3_endpoint):
+    uri, _, fs = s3_run
+    assert uri.startswith("s3://raypipe-test/runs/digits-")
+    key = uri.removeprefix("s3://")
+    report = json.loads(fs.cat_file(f"{key}/report.json"))
+    assert report["train"]["epochs"] == 4 and report["train"]["checkpoint"].startswith(uri + "/checkpoints/")
+    assert [v["name"] for v in report["variants"]] == ["fp32", "int8"]
+    assert all(v["uri"].startswith(uri) for v in report["variants"])
+    assert fs.glob(f"{key}/data/train/*.parquet") and fs.glob(f"{key}/checkpoints/checkpoint_*/checkpoint.pt")
+    paths = RunPaths.open(uri, S3Config(endpoint_url=s3_endpoint, access_key_id=KEY_ID, secret_access_key=SECRET))
+    manifest = paths.read_json("MANIFEST.json")
+    assert "models/int8/model.onnx" in manifest["files"] and "report.json" in manifest["files"]
+    assert paths.verify() == []
+
+
+def test_secrets_never_logged_nor_written(s3_run):
+    uri, done, fs = s3_run
+    key = uri.removeprefix("s3://")
+    for text in (done.stdout, done.stderr, fs.cat_file(f"{key}/config.yaml").decode(),
+                 fs.cat_file(f"{key}/report.json").decode()):
+        assert SECRET not in text and KEY_ID not in text
+    assert "endpoint_url" in yaml.safe_load(fs.cat_file(f"{key}/config.yaml"))["storage"]["s3"]
