@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 
+import yaml
+
 # Keep every address Ray advertises on loopback for an embedded local Ray; read when ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -82,6 +84,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    """An existing run and its config.yaml with --set overrides applied (S3 settings: --config or AWS_*)."""
+    from raypipe.storage import RunPaths
+
+    s3 = config_mod.load(args.config).storage.s3 if args.config else config_mod.S3Config()
+    paths = RunPaths.open(args.run, s3)
+    if not paths.exists("config.yaml"):
+        raise ConfigError(f"{args.run}: no config.yaml (not a raypipe run)")
+    overrides = dict(config_mod.parse_override(item) for item in args.set or [])
+    tree = yaml.safe_load(paths.read_bytes("config.yaml"))
+    tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
+    cfg = config_mod.validate(tree, overrides)
+    log.info("config %s", json.dumps(cfg.public_dict(), separators=(",", ":")))
+    return cfg, paths
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Run the data stage only: a new run holding clean, split, sharded data; prints its URI."""
+    cfg = _load_config(args)
+    _init_ray(args.address, cfg)
+    from raypipe import data, pipeline
+
+    paths = pipeline.start(cfg)
+    data.build(cfg.data, cfg.seed, paths)
+    print(paths.uri, flush=True)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on a run made by `raypipe data`; prints its URI."""
+    cfg, paths = _run_config(args)
+    if not paths.exists("data/stats.json"):
+        raise ConfigError(f"{args.run}: no data/stats.json; run `raypipe data` first")
+    _init_ray(args.address, cfg)
+    from raypipe import pipeline
+
+    pipeline.train_stage(cfg, paths, paths.read_json("data/stats.json"))
+    print(paths.uri, flush=True)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress, evaluate, report and seal a trained run; prints its URI."""
+    cfg, paths = _run_config(args)
+    if not paths.exists("train.json"):
+        raise ConfigError(f"{args.run}: no train.json; run `raypipe train {args.run}` first")
+    _init_ray(args.address, cfg)
+    from raypipe import pipeline
+
+    pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
+    print(paths.uri, flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's accepted variants on Ray Serve until Ctrl-C (V2 REST API)."""
     from raypipe.serving import ServeArgs, build_app, open_verified
@@ -110,9 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---- parsing ---------------------------------------------------------------------------------------
 
-def _common(parser: argparse.ArgumentParser, config: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, config: bool = True,
+            config_help: str = "pipeline config (default: configs/default.yaml)") -> None:
     if config:
-        parser.add_argument("--config", metavar="FILE", help="pipeline config (default: configs/default.yaml)")
+        parser.add_argument("--config", metavar="FILE", help=config_help)
         parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help="override a config key, value parsed as YAML (repeatable), e.g. train.epochs=5")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -131,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--smoke-test", action="store_true", help="a few hundred rows and a few epochs (about a minute)")
     run.set_defaults(func=cmd_run)
+
+    data = commands.add_parser("data", help=cmd_data.__doc__, description=cmd_data.__doc__)
+    _common(data)
+    data.add_argument("--smoke-test", action="store_true", help="a few hundred rows")
+    data.set_defaults(func=cmd_data)
+
+    for name, func in (("train", cmd_train), ("compress", cmd_compress)):
+        stage = commands.add_parser(name, help=func.__doc__, description=func.__doc__)
+        stage.add_argument("run", help="run URI printed by an earlier stage (local path or s3://)")
+        _common(stage, config_help="config whose storage.s3 settings reach the run (the run's own "
+                                   "config.yaml is used, with --set overrides)")
+        stage.set_defaults(func=func)
 
     validate = commands.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     validate.add_argument("file", help="config file to check")

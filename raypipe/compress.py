@@ -27,18 +27,18 @@ from raypipe.storage import RunPaths, sha256_bytes
 log = logging.getLogger("raypipe")
 
 INPUT, OUTPUT = "input", "logits"
-OPSET = 17
+OPSET = 18
 
 
 def export_onnx(model: torch.nn.Module, features: int) -> bytes:
-    """The fp32 model as ONNX with a dynamic batch dimension."""
+    """The fp32 model as ONNX with a dynamic batch dimension (torch's dynamo exporter)."""
+    program = torch.onnx.export(
+        model, (torch.zeros(1, features),), dynamo=True, opset_version=OPSET, verbose=False,
+        input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "model.onnx"
-        torch.onnx.export(
-            model, (torch.zeros(1, features),), str(target), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT], output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )
+        program.save(str(target))
         onnx.checker.check_model(str(target))
         return target.read_bytes()
 

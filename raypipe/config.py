@@ -234,6 +234,11 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate(tree, overrides)
+
+
+def validate(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Apply dotted overrides to a config tree and validate it. Raises ConfigError naming the key."""
     for key, value in (overrides or {}).items():
         _set_path(tree, key, value)
     try:

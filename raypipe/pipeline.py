@@ -1,8 +1,13 @@
-"""run(cfg): the straight line through the stages. Assumes a running Ray (the CLI starts it)."""
+"""The straight line through the stages. Assumes a running Ray (the CLI starts it).
+
+`run` is the whole pipeline; `start`, `train_stage` and `finish` are its three steps, which
+`raypipe data`, `raypipe train RUN` and `raypipe compress RUN` also run one at a time on a run folder.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import yaml
 
@@ -15,17 +20,32 @@ log = logging.getLogger("raypipe")
 
 def run(cfg: Config) -> RunPaths:
     """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed."""
+    paths = start(cfg)
+    stats = data.build(cfg.data, cfg.seed, paths)
+    trained = train_stage(cfg, paths, stats)
+    finish(cfg, paths, stats, trained)
+    return paths
+
+
+def start(cfg: Config) -> RunPaths:
+    """A new run folder holding the resolved config (secrets left out)."""
     paths = RunPaths.create(cfg.storage, cfg.name)
     log.info("run %s", paths.uri)
     paths.write_bytes("config.yaml", yaml.safe_dump(cfg.public_dict(), sort_keys=False).encode())
+    return paths
 
-    stats = data.build(cfg.data, cfg.seed, paths)
-    datasets = data.load(paths)
-    trained = train.fit(cfg, datasets, stats, paths)
-    variants = compress.run(cfg, trained["checkpoint"], datasets, stats, paths)
+
+def train_stage(cfg: Config, paths: RunPaths, stats: dict[str, Any]) -> dict[str, Any]:
+    """Train on the run's data; the summary is kept as train.json for the later stages."""
+    trained = train.fit(cfg, data.load(paths), stats, paths)
+    paths.write_json("train.json", trained)
+    return trained
+
+
+def finish(cfg: Config, paths: RunPaths, stats: dict[str, Any], trained: dict[str, Any]) -> None:
+    """Compress, evaluate and guard the variants, write the report, then seal the run."""
+    variants = compress.run(cfg, trained["checkpoint"], data.load(paths), stats, paths)
     promoted = compress.promote(variants)
     report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted))
-
     paths.seal()
     log.info("run complete: promoted %s", promoted)
-    return paths

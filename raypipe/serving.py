@@ -79,8 +79,11 @@ def open_verified(run: str, s3: S3Config | None = None) -> RunPaths:
     return paths
 
 
-def build_app(args: ServeArgs) -> Application:
-    """The application serving every accepted variant of a sealed run."""
+def build_app(args: ServeArgs | dict) -> Application:
+    """The application serving every accepted variant of a sealed run.
+
+    `serve run`/`serve deploy` pass the config file's `args` as a dict; it is validated here."""
+    args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
     paths = open_verified(args.run, args.s3)
     catalog = Catalog.from_run(paths)
     scaling = args.scaling or ServeConfig.model_validate(paths.read_json("report.json")["config"]["serve"])

@@ -3,10 +3,12 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import yaml
 
 from raypipe.storage import RunPaths
+from tests.conftest import raypipe
 
 REPORT_KEYS = {"run_id", "versions", "config", "data", "train", "variants", "promoted", "lineage"}
 DATA_KEYS = {"rows_read", "rows_dropped", "rows", "shards", "augmentations"}
@@ -77,3 +79,25 @@ def test_verify_catches_a_changed_file(smoke_run, tmp_path):
     assert RunPaths.open(str(copy)).verify() == ["models/fp32/model.onnx: sha256 does not match the manifest"]
     (copy / "MANIFEST.json").unlink()
     assert "no MANIFEST.json" in RunPaths.open(str(copy)).verify()[0]
+
+
+def test_stages_one_at_a_time(tmp_path):
+    root = tmp_path / "runs"
+    made = raypipe("data", "--smoke-test", "--set", f"storage.root={root}")
+    assert made.returncode == 0, made.stderr[-3000:]
+    run = made.stdout.strip().splitlines()[-1]
+    assert (Path(run) / "data/stats.json").is_file() and not (Path(run) / "MANIFEST.json").exists()
+
+    early = raypipe("compress", run, timeout=120)
+    assert early.returncode == 2 and "no train.json" in early.stderr
+
+    trained = raypipe("train", run, "--set", "train.epochs=2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = json.loads((Path(run) / "train.json").read_text())
+    assert len(summary["history"]) == 2 and not (Path(run) / "MANIFEST.json").exists()
+
+    sealed = raypipe("compress", run)
+    assert sealed.returncode == 0, sealed.stderr[-3000:]
+    assert sealed.stdout.strip().splitlines()[-1] == run
+    assert RunPaths.open(run).verify() == []
+    assert json.loads((Path(run) / "report.json").read_text())["train"]["epochs"] == 2
