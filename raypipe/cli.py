@@ -117,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, paths = _run_config(args)
     if not paths.exists("data/stats.json"):
         raise ConfigError(f"{args.run}: no data/stats.json; run `raypipe data` first")
+    if paths.exists("checkpoints"):
+        raise ConfigError(f"{args.run}: already has checkpoints; start a new run with `raypipe data`")
     _init_ray(args.address, cfg)
     from raypipe import pipeline
 

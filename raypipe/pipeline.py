@@ -28,15 +28,21 @@ def run(cfg: Config) -> RunPaths:
 
 
 def start(cfg: Config) -> RunPaths:
-    """A new run folder holding the resolved config (secrets left out)."""
+    """A new run folder holding the resolved config."""
     paths = RunPaths.create(cfg.storage, cfg.name)
     log.info("run %s", paths.uri)
-    paths.write_bytes("config.yaml", yaml.safe_dump(cfg.public_dict(), sort_keys=False).encode())
+    write_config(cfg, paths)
     return paths
+
+
+def write_config(cfg: Config, paths: RunPaths) -> None:
+    """config.yaml: the resolved config the run's files were made with (secrets left out)."""
+    paths.write_bytes("config.yaml", yaml.safe_dump(cfg.public_dict(), sort_keys=False).encode())
 
 
 def train_stage(cfg: Config, paths: RunPaths, stats: dict[str, Any]) -> dict[str, Any]:
     """Train on the run's data; the summary is kept as train.json for the later stages."""
+    write_config(cfg, paths)
     trained = train.fit(cfg, data.load(paths), stats, paths)
     paths.write_json("train.json", trained)
     return trained

@@ -91,13 +91,23 @@ def test_stages_one_at_a_time(tmp_path):
     early = raypipe("compress", run, timeout=120)
     assert early.returncode == 2 and "no train.json" in early.stderr
 
-    trained = raypipe("train", run, "--set", "train.epochs=2")
+    # The small CNN with bf16 autocast on the CPU workers; the overrides become the run's config.
+    trained = raypipe("train", run, "--set", "train.epochs=5", "--set", "train.lr=0.005", "--set", "model.arch=cnn",
+                      "--set", "model.channels=[16, 32]", "--set", "train.precision=bf16")
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads((Path(run) / "train.json").read_text())
-    assert len(summary["history"]) == 2 and not (Path(run) / "MANIFEST.json").exists()
+    assert len(summary["history"]) == 5 and summary["precision"] == "bf16"
+    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
+    assert yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["arch"] == "cnn"
+    assert not (Path(run) / "MANIFEST.json").exists()
+
+    again = raypipe("train", run, timeout=120)
+    assert again.returncode == 2 and "already has checkpoints" in again.stderr
 
     sealed = raypipe("compress", run)
     assert sealed.returncode == 0, sealed.stderr[-3000:]
     assert sealed.stdout.strip().splitlines()[-1] == run
     assert RunPaths.open(run).verify() == []
-    assert json.loads((Path(run) / "report.json").read_text())["train"]["epochs"] == 2
+    report = json.loads((Path(run) / "report.json").read_text())
+    assert report["train"]["epochs"] == 5 and report["config"]["model"]["arch"] == "cnn"
+    assert report["variants"][0]["test_accuracy"] > 0.3
