@@ -76,10 +76,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the whole pipeline: data -> train -> compress -> report; prints the run URI last."""
     cfg = _load_config(args)
-    _init_ray(args.address, cfg)
-    from raypipe import pipeline
+    from raypipe import data, pipeline
 
-    paths = pipeline.run(cfg)
+    source = data.inspect_source(cfg.data, cfg.storage.s3)
+    _init_ray(args.address, cfg)
+    paths = pipeline.run(cfg, source)
     print(paths.uri, flush=True)
     return 0
 
@@ -103,11 +104,12 @@ def _run_config(args: argparse.Namespace):
 def cmd_data(args: argparse.Namespace) -> int:
     """Run the data stage only: a new run holding clean, split, sharded data; prints its URI."""
     cfg = _load_config(args)
-    _init_ray(args.address, cfg)
     from raypipe import data, pipeline
 
+    source = data.inspect_source(cfg.data, cfg.storage.s3)
+    _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
-    data.build(cfg.data, cfg.seed, paths)
+    data.build(cfg.data, cfg.seed, paths, source)
     print(paths.uri, flush=True)
     return 0
 
@@ -137,6 +139,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
     print(paths.uri, flush=True)
+    return 0
+
+
+def cmd_datagen(args: argparse.Namespace) -> int:
+    """Write a synthetic image data set (class-dependent patterns) to a folder or s3:// URI."""
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--shape {args.shape!r}: expected H,W,C such as 32,32,3") from None
+    if args.rows < 1 or args.classes < 2:
+        raise ConfigError("--rows must be >= 1 and --classes >= 2")
+    _init_ray(args.address)
+    from raypipe import datagen
+
+    datagen.generate(args.out, args.rows, shape, args.classes, args.format, args.seed, args.rows_per_file)
+    print(args.out, flush=True)
     return 0
 
 
@@ -202,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         _common(stage, config_help="config whose storage.s3 settings reach the run (the run's own "
                                    "config.yaml is used, with --set overrides)")
         stage.set_defaults(func=func)
+
+    datagen = commands.add_parser("datagen", help=cmd_datagen.__doc__, description=cmd_datagen.__doc__)
+    datagen.add_argument("out", help="output folder or s3:// URI (S3 settings from the AWS_* variables)")
+    datagen.add_argument("--rows", type=int, default=100_000, help="images to write (default: 100000)")
+    datagen.add_argument("--shape", default="32,32,3", help="H,W,C of each image (default: 32,32,3)")
+    datagen.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    datagen.add_argument("--format", choices=("parquet", "images"), default="parquet",
+                         help="parquet (image + label columns) or PNG files in one folder per class")
+    datagen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    datagen.add_argument("--rows-per-file", type=int, default=10_000, help="rows per parquet file")
+    _common(datagen, config=False)
+    datagen.set_defaults(func=cmd_datagen)
 
     validate = commands.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     validate.add_argument("file", help="config file to check")

@@ -20,7 +20,7 @@ import ray.data
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-from raypipe import evaluate, train
+from raypipe import evaluate, models, train
 from raypipe.config import Config
 from raypipe.storage import RunPaths, sha256_bytes
 
@@ -67,13 +67,14 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
 
 
 def _rows(dataset: ray.data.Dataset, limit: int) -> np.ndarray:
-    return np.concatenate([b["x"] for b in dataset.limit(limit).iter_batches(batch_size=None, batch_format="numpy")])
+    batches = dataset.limit(limit).iter_batches(batch_size=None, batch_format="numpy")
+    return np.concatenate([b["x"] for b in batches]).astype(np.float32)
 
 
 def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], stats: dict[str, Any],
         paths: RunPaths) -> list[dict[str, Any]]:
     """Build, evaluate, guard and store every variant; returns their records (meta.json contents)."""
-    model = train.load_model(cfg, stats, paths, checkpoint)
+    model = models.with_standardize(train.load_model(cfg, stats, paths, checkpoint), stats)
     artifacts = {"fp32": export_onnx(model, stats["features"])}
     calibration = _rows(datasets["train"], cfg.compress.calibration_rows)
     if cfg.compress.int8:

@@ -18,6 +18,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 # What `--smoke-test` changes in any config: a few hundred rows, a few epochs, about a minute.
 SMOKE_OVERRIDES: dict[str, Any] = {
     "data.limit": 500,
+    "data.shard_mb": 0.05,
     "train.epochs": 4,
     "train.batch_size": 32,
     "compress.latency_repeats": 5,
@@ -63,30 +64,63 @@ class SplitConfig(_Model):
 
 
 class AugmentConfig(_Model):
-    ops: list[Literal["shift", "rotate", "noise"]] = Field(
-        default_factory=lambda: ["shift", "rotate", "noise"],
-        description="Augmentations applied to the train split, freshly each epoch, in this order.",
+    ops: list[Literal["crop", "flip", "rotate", "noise", "cutout"]] = Field(
+        default_factory=list,
+        description="Augmentations of the train split, drawn afresh each epoch: crop (random crop after "
+                    "zero padding), flip (horizontal), rotate, noise (Gaussian), cutout. All but noise need images.",
     )
-    max_shift: int = Field(1, ge=0, le=4, description="Largest shift in pixels, each axis.")
+    crop_padding: int = Field(2, ge=0, le=16, description="Zero padding before the random crop, in pixels.")
     max_degrees: float = Field(10.0, ge=0, le=45, description="Largest rotation in degrees.")
-    noise_std: float = Field(0.5, ge=0, description="Gaussian noise, in raw pixel units.")
+    noise_std: float = Field(0.5, ge=0, description="Gaussian noise, in raw input units.")
+    cutout_size: int = Field(8, ge=1, description="Side of the square cutout, in pixels.")
+
+
+class OutlierConfig(_Model):
+    method: Literal["none", "zscore", "iqr"] = Field(
+        "zscore", description="Robust z-score (median/MAD) or IQR fences per feature; never applied to images.")
+    threshold: float | None = Field(
+        None, gt=0, description="Cut-off: robust z above this (default 3.5), or IQRs beyond the quartiles (default 1.5).")
+    sample_rows: int = Field(20000, ge=100, description="Train rows sampled to estimate medians and quartiles.")
+
+    def cutoff(self) -> float:
+        return self.threshold or (3.5 if self.method == "zscore" else 1.5)
 
 
 class DataConfig(_Model):
-    source: str = Field("digits", description="'digits' (bundled with scikit-learn) or a data URI.")
+    source: str = Field(
+        "digits", description="'digits' (scikit-learn's bundled 8x8 digits), or a local or s3:// URI of parquet "
+                              "files, CSV files, or an image folder (one sub-folder per class).")
+    format: Literal["auto", "parquet", "csv", "images"] = Field(
+        "auto", description="Source format; auto: from the file extensions under the URI.")
+    features: list[str] | None = Field(
+        None, description="Feature columns (numbers, or one tensor column such as an HxWxC image); "
+                          "default: every column but the label.")
+    label: str = Field("label", description="Label column of a parquet or CSV source.")
+    classes: list[str] | None = Field(
+        None, description="The declared classes; rows with any other label are dropped. "
+                          "Default: every label found (sub-folder names for images).")
     limit: int | None = Field(None, gt=0, description="Use at most this many rows (smoke tests).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Validation and test fractions.")
+    outliers: OutlierConfig = Field(default_factory=OutlierConfig, description="Outlier removal for tabular data.")
     standardize: Literal["channel", "feature"] = Field(
         "channel", description="Standardize per image channel or per feature, fitted on the train split only.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Train-time augmentation.")
-    rows_per_shard: int = Field(2048, gt=0, description="Target rows per parquet shard.")
+    shard_mb: float = Field(64, gt=0, description="Target size of each parquet shard, in MiB.")
 
     @field_validator("source")
     @classmethod
-    def _known_source(cls, source: str) -> str:
-        if source != "digits":
-            raise ValueError(f"unknown data source {source!r}: only 'digits' is supported so far")
-        return source
+    def _source(cls, source: str) -> str:
+        if source != "digits" and "://" in source and not source.startswith("s3://"):
+            raise ValueError(f"unsupported scheme in {source!r}: use 'digits', a local path or s3://")
+        if source != "digits" and not source.startswith("s3://"):
+            return str(Path(source).expanduser().resolve())
+        return source.rstrip("/")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_text(cls, classes: Any) -> Any:
+        # Labels are compared as text, so `classes: [0, 1, 2]` matches integer label columns.
+        return [str(c) for c in classes] if isinstance(classes, list) else classes
 
 
 class ModelConfig(_Model):

@@ -1,7 +1,8 @@
 """Plain torch models. No Ray here.
 
-Every model starts with `Standardize`, holding the statistics fitted on the train split as buffers: the
-checkpoint, the ONNX export and every server then take raw inputs and standardize them identically.
+Networks train on standardized inputs (the data stage's statistics, applied by the ingest). For export,
+`with_standardize` puts the same statistics in front as a fixed layer, so every model file and server
+takes raw inputs.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _cnn(cfg: ModelConfig, image_shape: list[int], classes: int) -> nn.Sequentia
 
 def build(cfg: ModelConfig, stats: dict[str, Any]) -> nn.Module:
     """The network for `model.arch`, sized for the data set described by `data/stats.json`."""
-    classes = stats["classes"]
-    body = _mlp(cfg, stats["features"], classes) if cfg.arch == "mlp" else _cnn(cfg, stats["image_shape"], classes)
-    return nn.Sequential(Standardize(**stats["standardize"]), body)
+    classes = stats["num_classes"]
+    if cfg.arch == "cnn" and len(stats["image_shape"]) != 3:
+        raise ValueError(f"model.arch cnn needs image data; this data set has flat features {stats['image_shape']}")
+    return _mlp(cfg, stats["features"], classes) if cfg.arch == "mlp" else _cnn(cfg, stats["image_shape"], classes)
+
+
+def with_standardize(model: nn.Module, stats: dict[str, Any]) -> nn.Module:
+    """The model taking raw inputs: the train split's standardization as a fixed first layer."""
+    return nn.Sequential(Standardize(**stats["standardize"]), model).eval()

@@ -18,10 +18,11 @@ from raypipe.storage import RunPaths
 log = logging.getLogger("raypipe")
 
 
-def run(cfg: Config) -> RunPaths:
-    """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed."""
+def run(cfg: Config, source: dict[str, Any] | None = None) -> RunPaths:
+    """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed.
+    `source` is what `data.inspect_source` found, when the caller checked it already."""
     paths = start(cfg)
-    stats = data.build(cfg.data, cfg.seed, paths)
+    stats = data.build(cfg.data, cfg.seed, paths, source)
     trained = train_stage(cfg, paths, stats)
     finish(cfg, paths, stats, trained)
     return paths

@@ -66,7 +66,7 @@ class Catalog:
         report = paths.read_json("report.json")
         stats = paths.read_json("data/stats.json")
         versions = {v["name"]: v for v in report["variants"] if v["accepted"]}
-        return cls(report["config"]["name"], report["promoted"], stats["features"], stats["classes"], versions)
+        return cls(report["config"]["name"], report["promoted"], stats["features"], stats["num_classes"], versions)
 
     def metadata(self, version: str) -> dict[str, Any]:
         return {

@@ -106,11 +106,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         began, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
-            x = torch.from_numpy(data.augment(batch, cfg.data.augment, stats["image_shape"], cfg.seed, epoch))
-            y = torch.as_tensor(np.array(batch["label"]), device=device)
+        ingest = data.IngestCollate(stats, cfg.data.augment, cfg.seed, epoch)
+        for x, y in train_shard.iter_torch_batches(batch_size=per_worker_batch, collate_fn=ingest,
+                                                   prefetch_batches=2, device=device):
             with _autocast(precision, device):
-                loss = loss_fn(model(x.to(device)), y)
+                loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -119,7 +119,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             loss_sum += loss.item() * len(y)
             seen += len(y)
         elapsed = time.perf_counter() - began
-        val_loss, val_correct, val_seen = _evaluate(model, val_shard, loss_fn, precision, device)
+        val_loss, val_correct, val_seen = _evaluate(model, val_shard, stats, loss_fn, precision, device)
         loss_sum, seen, val_loss, val_correct, val_seen, elapsed = _all_reduce(
             [loss_sum, seen, val_loss, val_correct, val_seen, elapsed]
         )
@@ -168,11 +168,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _evaluate(model, shard, loss_fn, precision, device) -> tuple[float, float, float]:
+def _evaluate(model, shard, stats, loss_fn, precision, device) -> tuple[float, float, float]:
     model.eval()
     loss_sum = correct = seen = 0.0
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        x, y = torch.as_tensor(np.array(batch["x"]), device=device), torch.as_tensor(np.array(batch["label"]), device=device)
+    ingest = data.IngestCollate(stats, None, 0, 0)
+    for x, y in shard.iter_torch_batches(batch_size=256, collate_fn=ingest, device=device):
         with _autocast(precision, device):
             logits = model(x)
         loss_sum += loss_fn(logits.float(), y).item() * len(y)

@@ -10,14 +10,15 @@ from raypipe.config import ModelConfig
 from raypipe.predict import OnnxModel
 from raypipe.rest import Catalog, LocalBackend, make_app
 
-STATS = {"features": 64, "classes": 10, "image_shape": [1, 8, 8],
+STATS = {"features": 64, "num_classes": 10, "image_shape": [1, 8, 8],
          "standardize": {"mean": [4.0] * 64, "std": [6.0] * 64}}
 
 
 @pytest.fixture(scope="module")
 def client():
     torch.manual_seed(0)
-    model = OnnxModel(compress.export_onnx(models.build(ModelConfig(hidden=[16]), STATS).eval(), 64))
+    net = models.with_standardize(models.build(ModelConfig(hidden=[16]), STATS), STATS)
+    model = OnnxModel(compress.export_onnx(net, 64))
     catalog = Catalog("digits", "fp32", 64, 10, {"fp32": {"test_accuracy": 0.9}, "int8": {"test_accuracy": 0.9}})
     return TestClient(make_app(LocalBackend(catalog, {"fp32": model, "int8": model})))
 

@@ -1,13 +1,16 @@
-"""Stages against one in-process Ray for the module (loopback only)."""
+"""The data stage on one in-process Ray (loopback only): every source format, counts by reason,
+stable splits, S3 round trip."""
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
+import s3fs
 from sklearn.datasets import load_digits
 
-from raypipe import data
-from raypipe.config import StorageConfig, load
+from raypipe import data, datagen
+from raypipe.config import S3Config, StorageConfig, load
 from raypipe.storage import RunPaths
 
 
@@ -22,36 +25,109 @@ def test_ray_advertises_loopback_only():
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
 
 
-def _dirty_digits(limit=None):
-    """300 digits plus 3 rows with NaN/inf and 5 exact duplicates."""
+def _table(n=300, seed=0) -> pd.DataFrame:
+    """A tabular set with 4 NaN/inf rows, 5 exact duplicates, 3 unknown labels and 2 wild outliers."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.normal(0, 1, (n, 5)).round(4), columns=[f"f{i}" for i in range(5)])
+    frame["label"] = rng.integers(0, 3, n)
+    bad = frame.iloc[:4].copy()
+    bad.iloc[0, 0], bad.iloc[1, 2], bad.iloc[2, 4], bad.iloc[3, 1] = np.nan, np.inf, -np.inf, np.nan
+    dups = frame.iloc[10:15].copy()
+    unknown = frame.iloc[20:23].copy().assign(f0=lambda d: d.f0 + 0.5, label=7)
+    wild = frame.iloc[30:32].copy().assign(f3=lambda d: d.f3 + 40.0)
+    return pd.concat([frame, bad, dups, unknown, wild], ignore_index=True)
+
+
+def _config(**data_overrides):
+    return load(None, {f"data.{k}": v for k, v in data_overrides.items()}).data
+
+
+def _run(tmp_path, name="r"):
+    return RunPaths.create(StorageConfig(root=str(tmp_path / "runs")), name)
+
+
+def _split_keys(paths: RunPaths, split: str) -> list[int]:
+    files = sorted(paths.fs.glob(paths.path(f"data/{split}/*.parquet")))
+    return sorted(k for f in files for k in pq.read_table(f, filesystem=paths.arrow_fs).column("key").to_pylist())
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_tabular_sources_clean_with_counts_by_reason(tmp_path, fmt):
+    source = tmp_path / "raw"
+    source.mkdir()
+    table = _table()
+    for i, part in enumerate([table.iloc[:100], table.iloc[100:200], table.iloc[200:]]):
+        part.to_parquet(source / f"part{i}.parquet") if fmt == "parquet" else part.to_csv(source / f"part{i}.csv", index=False)
+    cfg = _config(source=str(source), classes=[0, 1, 2], augment={"ops": ["noise"]})
+    stats = data.build(cfg, 0, _run(tmp_path))
+    assert stats["format"] == fmt and stats["rows_read"] == len(table) == 314
+    assert stats["rows_dropped"] == {"nan": 4, "label": 3, "duplicate": 5, "outlier": stats["rows_dropped"]["outlier"]}
+    assert 2 <= stats["rows_dropped"]["outlier"] <= 12  # the two planted ones, plus a few far tails
+    assert sum(stats["rows"].values()) == 314 - sum(stats["rows_dropped"].values())
+    assert stats["features"] == 5 and stats["num_classes"] == 3 and stats["image_shape"] == [5]
+
+
+def test_split_is_identical_across_runs_and_formats(tmp_path):
+    source = tmp_path / "raw"
+    source.mkdir()
+    _table().to_parquet(source / "all.parquet")
+    _table().to_csv(source / "all.csv", index=False)
+    runs = [_run(tmp_path, f"s{i}") for i in range(3)]
+    data.build(_config(source=str(source / "all.parquet")), 0, runs[0])
+    data.build(_config(source=str(source / "all.parquet")), 0, runs[1])
+    data.build(_config(source=str(source / "all.csv")), 0, runs[2])
+    for split in data.SPLITS:
+        keys = _split_keys(runs[0], split)
+        assert keys and keys == _split_keys(runs[1], split) == _split_keys(runs[2], split)
+
+
+def test_digits_with_planted_problems(tmp_path, monkeypatch):
     x = load_digits().data[:300].astype(np.float32)
-    y = load_digits().target[:300]
+    y = load_digits().target[:300].astype(str)
     bad = x[:3].copy()
     bad[0, 5], bad[1, 0], bad[2, 63] = np.nan, np.inf, -np.inf
     rows = np.concatenate([x, bad, x[10:15]])
     labels = np.concatenate([y, y[:3], y[10:15]])
-    ds = ray.data.from_items([{"x": r, "label": int(l)} for r, l in zip(rows, labels)], override_num_blocks=3)
-    return ds, {"source": "digits", "image_shape": [1, 8, 8], "classes": 10, "feature_names": None}
 
+    def read(cfg, info, s3=None):
+        return ray.data.from_items([{"x": r, "label_raw": lab} for r, lab in zip(rows, labels)], override_num_blocks=3)
 
-def _split_keys(paths: RunPaths, split: str) -> list[str]:
-    tables = [pq.read_table(p) for p in sorted((paths.fs.glob(paths.path(f"data/{split}/*.parquet"))))]
-    return sorted(k for t in tables for k in t.column("key").to_pylist())
-
-
-def test_data_stage_cleans_counts_and_splits_identically(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "read_digits", _dirty_digits)
-    cfg = load(None)
-    runs = [RunPaths.create(StorageConfig(root=str(tmp_path)), f"d{i}") for i in range(2)]
-    stats = [data.build(cfg.data, cfg.seed, run) for run in runs]
-    assert stats[0]["rows_read"] == 308
-    assert stats[0]["rows_dropped"] == {"nan": 3, "duplicate": 5}
-    assert sum(stats[0]["rows"].values()) == 300
-    assert stats[0] == stats[1]
-    for split in data.SPLITS:
-        keys = _split_keys(runs[0], split)
-        assert keys == _split_keys(runs[1], split) and len(keys) == stats[0]["rows"][split]
-    # Standardization was fitted on the train split only.
+    monkeypatch.setattr(data, "read_source", read)
+    cfg = _config()
+    stats = data.build(cfg, 0, _run(tmp_path))
+    assert stats["rows_read"] == 308
+    assert stats["rows_dropped"] == {"nan": 3, "label": 0, "duplicate": 5, "outlier": 0}
+    assert sum(stats["rows"].values()) == 300
     train = np.concatenate([np.stack(pq.read_table(p).column("x").to_numpy(zero_copy_only=False))
-                            for p in runs[0].fs.glob(runs[0].path("data/train/*.parquet"))])
-    assert np.allclose(stats[0]["standardize"]["mean"][0], train.mean(), atol=1e-3)
+                            for p in (tmp_path / "runs").glob("*/data/train/*.parquet")])
+    # Standardization was fitted on the train split only (per channel: one mean for all pixels).
+    assert np.allclose(stats["standardize"]["mean"][0], train.mean(), atol=1e-3)
+
+
+def test_image_folder_source(tmp_path):
+    folder = tmp_path / "images"
+    datagen.generate(str(folder), rows=120, shape=(16, 16, 3), classes=3, fmt="images")
+    assert sorted(p.name for p in folder.iterdir()) == ["class_0", "class_1", "class_2"]
+    stats = data.build(_config(source=str(folder), augment={"ops": ["crop", "flip"]}), 0, _run(tmp_path))
+    assert stats["format"] == "images" and stats["image_shape"] == [3, 16, 16]
+    assert stats["classes"] == ["class_0", "class_1", "class_2"] and sum(stats["rows"].values()) == 120
+    assert stats["rows_dropped"]["outlier"] == 0
+
+
+def test_s3_round_trip(s3_endpoint):
+    s3 = S3Config(endpoint_url=s3_endpoint, access_key_id="k", secret_access_key="s", region="us-east-1")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="k", secret="s")
+    fs.mkdir("raw-data")
+    datagen.generate("s3://raw-data/synth", rows=400, shape=(8, 8, 3), classes=4, rows_per_file=150, s3=s3)
+    assert len(fs.glob("raw-data/synth/*.parquet")) >= 2
+    cfg = _config(source="s3://raw-data/synth", shard_mb=0.01)  # about 50 rows a shard
+    paths = RunPaths.create(StorageConfig(root="s3://raw-data/runs", s3=s3), "s3run")
+    stats = data.build(cfg, 0, paths, data.inspect_source(cfg, s3))
+    assert stats["image_shape"] == [3, 8, 8] and stats["rows_read"] == 400
+    shards = {split: fs.glob(f"{paths.path('data')}/{split}/*.parquet") for split in data.SPLITS}
+    assert all(shards.values()) and len(shards["train"]) >= 2
+    back = {split: sum(pq.read_metadata(f, filesystem=paths.arrow_fs).num_rows for f in files)
+            for split, files in shards.items()}
+    assert back == stats["rows"] and sum(back.values()) == 400 - stats["rows_dropped"]["duplicate"]
+    assert paths.read_json("data/stats.json") == stats
+    assert not fs.exists(paths.path("data/_split"))
