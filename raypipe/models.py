@@ -39,11 +39,15 @@ def _mlp(cfg: ModelConfig, features: int, classes: int) -> nn.Sequential:
 def _cnn(cfg: ModelConfig, image_shape: list[int], classes: int) -> nn.Sequential:
     channels, height, width = image_shape
     layers: list[nn.Module] = [nn.Unflatten(1, (channels, height, width))]
+    size = min(height, width)
     for out in cfg.channels:
         layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
         channels = out
-    # Halve the resolution once for small images, twice for larger ones; then pool globally.
-    layers += [nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+        # Halve the resolution after each block while it is larger than 4x4.
+        if size > 4:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
     return nn.Sequential(*layers, nn.Dropout(cfg.dropout), nn.Linear(channels * 4, classes))
 
 

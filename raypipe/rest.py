@@ -7,6 +7,7 @@ Every error is JSON `{"error": ...}` with the exact status; nothing a client sen
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
@@ -224,9 +225,10 @@ def make_app(backend: Backend) -> FastAPI:
 
     @app.get("/v2/health/ready", summary="Readiness: every served version loaded")
     async def ready():
-        for version in catalog.versions:
-            if not await backend.version_ready(version):
-                raise HTTPException(503, f"version {version!r} is not ready")
+        states = await asyncio.gather(*(backend.version_ready(v) for v in catalog.versions))
+        waiting = [v for v, ok in zip(catalog.versions, states) if not ok]
+        if waiting:
+            raise HTTPException(503, f"not ready: {waiting}")
         return {"ready": True}
 
     @app.get("/v2", summary="Server metadata")

@@ -64,7 +64,7 @@ class Ingress:
 
     async def version_ready(self, version: str) -> bool:
         try:
-            return await asyncio.wait_for(self.replicas[version].ready.remote(), timeout=5)
+            return await asyncio.wait_for(self.replicas[version].ready.remote(), timeout=2)
         except Exception:
             return False
 

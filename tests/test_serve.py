@@ -27,9 +27,9 @@ def server(smoke_run):
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         try:
-            if requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+            if requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or replicas still starting
             pass
         time.sleep(1)
     else:
