@@ -314,7 +314,10 @@ def combine_moments(parts: list[Batch], per: str, image_shape: list[int]) -> dic
 
 def standardize(x: np.ndarray, stats: dict[str, list[float]]) -> np.ndarray:
     """(x - mean) / std with the train split's statistics (the exported model does the same)."""
-    return ((x.astype(np.float32) - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32))
+    out = np.array(x, dtype=np.float32)
+    np.subtract(out, np.asarray(stats["mean"], np.float32), out=out)
+    np.divide(out, np.asarray(stats["std"], np.float32), out=out)
+    return out
 
 
 # ---- augmentation: counter-based randomness, vectorised over the batch ------------------------------
@@ -368,39 +371,42 @@ def augment(batch: Batch, cfg: AugmentConfig, image_shape: list[int], seed: int,
         bank = _noise_bank(seed)
         features = x.shape[1]
         offsets = (u[:, 6] * (len(bank) - features)).astype(np.int64)
-        x = x + cfg.noise_std * bank[offsets[:, None] + np.arange(features)]
+        # Each row takes a contiguous window of a fixed bank of normals, at its own random offset.
+        x = x + cfg.noise_std * np.lib.stride_tricks.sliding_window_view(bank, features)[offsets]
     return x.astype(np.float32, copy=False)
 
 
 def _warp(imgs: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     n, channels, height, width = imgs.shape
     ops = set(cfg.ops)
-    angle = np.deg2rad((2 * u[:, 0] - 1) * cfg.max_degrees) if "rotate" in ops else np.zeros(n)
     pad = cfg.crop_padding if "crop" in ops else 0
     # Random crop of the zero-padded image = a shift by up to `pad` pixels each way.
-    dy = np.floor(u[:, 1] * (2 * pad + 1)) - pad
-    dx = np.floor(u[:, 2] * (2 * pad + 1)) - pad
-    mirror = np.where(("flip" in ops) & (u[:, 3] < 0.5), -1.0, 1.0)
+    dy = (np.floor(u[:, 1] * (2 * pad + 1)) - pad).astype(int)
+    dx = (np.floor(u[:, 2] * (2 * pad + 1)) - pad).astype(int)
+    mirror = ("flip" in ops) & (u[:, 3] < 0.5)
+    if "rotate" not in ops:  # whole-pixel moves: exact, and cheap as window views
+        if pad:
+            padded = np.pad(imgs, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(2, 3))
+            imgs = windows[np.arange(n), :, dy + pad, dx + pad]
+        return np.where(mirror[:, None, None, None], imgs[..., ::-1], imgs) if mirror.any() else imgs
+    angle = np.deg2rad((2 * u[:, 0] - 1) * cfg.max_degrees)
     yy, xx = np.meshgrid(np.arange(height) - (height - 1) / 2, np.arange(width) - (width - 1) / 2, indexing="ij")
-    ty, tx = yy[None] + dy[:, None, None], (xx[None] + dx[:, None, None]) * mirror[:, None, None]
+    ty = yy[None] + dy[:, None, None]
+    tx = (xx[None] + dx[:, None, None]) * np.where(mirror, -1.0, 1.0)[:, None, None]
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-    sy = cos * ty - sin * tx + (height - 1) / 2
-    sx = sin * ty + cos * tx + (width - 1) / 2
-    rows = np.arange(n)[:, None, None]
-    if "rotate" not in ops:  # whole-pixel moves: exact, one gather
-        yi, xi = np.rint(sy).astype(int), np.rint(sx).astype(int)
-        inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-        sample = imgs[rows, :, np.clip(yi, 0, height - 1), np.clip(xi, 0, width - 1)]
-        return np.where(inside[:, None], np.moveaxis(sample, -1, 1), np.float32(0))
-    y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+    sy = (cos * ty - sin * tx + (height - 1) / 2).reshape(n, -1)
+    sx = (sin * ty + cos * tx + (width - 1) / 2).reshape(n, -1)
+    y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
     fy, fx = (sy - y0).astype(np.float32), (sx - x0).astype(np.float32)
-    out = np.zeros_like(imgs)
+    flat = imgs.reshape(n, channels, height * width)
+    out = np.zeros_like(flat)
     for oy, ox, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
         yi, xi = y0 + oy, x0 + ox
-        inside = ((yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)) * weight
-        sample = imgs[rows, :, np.clip(yi, 0, height - 1), np.clip(xi, 0, width - 1)]
-        out += inside[:, None] * np.moveaxis(sample, -1, 1)
-    return out
+        weight = weight * ((yi >= 0) & (yi < height) & (xi >= 0) & (xi < width))
+        index = (np.clip(yi, 0, height - 1) * width + np.clip(xi, 0, width - 1))[:, None, :]
+        out += weight[:, None, :] * np.take_along_axis(flat, index, axis=2)
+    return out.reshape(n, channels, height, width)
 
 
 class IngestCollate(NumpyBatchCollateFn):
