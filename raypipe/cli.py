@@ -63,6 +63,16 @@ def _init_ray(address: str | None, cfg: Config | None = None) -> None:
                  include_dashboard=False, configure_logging=False)
 
 
+def _print_last(uri: str) -> None:
+    """Print the URI as the last line of stdout: Ray is shut down first, so none of its log lines
+    (which reach the driver asynchronously) can follow it."""
+    import ray
+
+    ray.shutdown()
+    sys.stderr.flush()
+    print(uri, flush=True)
+
+
 # ---- commands --------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -81,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = data.inspect_source(cfg.data, cfg.storage.s3)
     _init_ray(args.address, cfg)
     paths = pipeline.run(cfg, source)
-    print(paths.uri, flush=True)
+    _print_last(paths.uri)
     return 0
 
 
@@ -110,22 +120,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
     data.build(cfg.data, cfg.seed, paths, source)
-    print(paths.uri, flush=True)
+    _print_last(paths.uri)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train on a run made by `raypipe data`; prints its URI."""
+    """Train on a run made by `raypipe data` (or continue one with --resume); prints its URI."""
     cfg, paths = _run_config(args)
     if not paths.exists("data/stats.json"):
         raise ConfigError(f"{args.run}: no data/stats.json; run `raypipe data` first")
-    if paths.exists("checkpoints"):
-        raise ConfigError(f"{args.run}: already has checkpoints; start a new run with `raypipe data`")
+    if paths.exists("checkpoints") and not args.resume:
+        raise ConfigError(f"{args.run}: already has checkpoints; pass --resume to continue from the latest")
+    if paths.exists("MANIFEST.json"):
+        raise ConfigError(f"{args.run}: is sealed (has MANIFEST.json); start a new run to train again")
     _init_ray(args.address, cfg)
     from raypipe import pipeline
 
     pipeline.train_stage(cfg, paths, paths.read_json("data/stats.json"))
-    print(paths.uri, flush=True)
+    _print_last(paths.uri)
     return 0
 
 
@@ -138,7 +150,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from raypipe import pipeline
 
     pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
-    print(paths.uri, flush=True)
+    _print_last(paths.uri)
     return 0
 
 
@@ -155,7 +167,7 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     from raypipe import datagen
 
     datagen.generate(args.out, args.rows, shape, args.classes, args.format, args.seed, args.rows_per_file)
-    print(args.out, flush=True)
+    _print_last(args.out)
     return 0
 
 
@@ -215,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--smoke-test", action="store_true", help="a few hundred rows")
     data.set_defaults(func=cmd_data)
 
+    stages = {}
     for name, func in (("train", cmd_train), ("compress", cmd_compress)):
-        stage = commands.add_parser(name, help=func.__doc__, description=func.__doc__)
+        stage = stages[name] = commands.add_parser(name, help=func.__doc__, description=func.__doc__)
         stage.add_argument("run", help="run URI printed by an earlier stage (local path or s3://)")
         _common(stage, config_help="config whose storage.s3 settings reach the run (the run's own "
                                    "config.yaml is used, with --set overrides)")
         stage.set_defaults(func=func)
+    stages["train"].add_argument("--resume", action="store_true",
+                       help="continue from the run's latest checkpoint (epoch, optimizer, grad scaler, RNG)")
 
     datagen = commands.add_parser("datagen", help=cmd_datagen.__doc__, description=cmd_datagen.__doc__)
     datagen.add_argument("out", help="output folder or s3:// URI (S3 settings from the AWS_* variables)")

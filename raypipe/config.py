@@ -124,9 +124,12 @@ class DataConfig(_Model):
 
 
 class ModelConfig(_Model):
-    arch: Literal["mlp", "cnn"] = Field("mlp", description="mlp (hidden layers) or cnn (small conv net).")
+    arch: Literal["mlp", "cnn", "resnet"] = Field(
+        "mlp", description="mlp (hidden layers), cnn (small conv net) or resnet (residual stages, for 32x32 images).")
     hidden: list[int] = Field(default_factory=lambda: [256, 128], min_length=1, description="MLP hidden widths.")
-    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="CNN conv channels.")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1,
+                                description="CNN conv channels, or ResNet stage widths.")
+    blocks: int = Field(1, ge=1, le=8, description="ResNet residual blocks per stage.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier.")
 
 
@@ -143,7 +146,9 @@ class WorkersRange(_Model):
 
 class TrainConfig(_Model):
     epochs: int = Field(30, ge=1, description="Epochs to train.")
-    batch_size: int = Field(64, ge=1, description="Global batch size, split evenly across workers.")
+    batch_size: int = Field(64, ge=1, description="Global batch size per optimizer step, whatever the worker count.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warmup, then cosine decay.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     workers: int | WorkersRange = Field(2, description="Number of data-parallel workers, or {min, max}.")
@@ -152,7 +157,8 @@ class TrainConfig(_Model):
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("fp32", description="Autocast precision.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts allowed after failures (-1: unlimited).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs (and after the last).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by validation accuracy.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: this many best by validation accuracy, plus the latest.")
+    elastic_monitor_s: float = Field(10.0, gt=0, description="How often an elastic run looks for room to grow.")
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -51,12 +51,44 @@ def _cnn(cfg: ModelConfig, image_shape: list[int], classes: int) -> nn.Sequentia
     return nn.Sequential(*layers, nn.Dropout(cfg.dropout), nn.Linear(channels * 4, classes))
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inp, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
+            nn.Conv2d(out, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and inp == out else nn.Sequential(
+            nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _resnet(cfg: ModelConfig, image_shape: list[int], classes: int) -> nn.Sequential:
+    channels, height, width = image_shape
+    stem = cfg.channels[0]
+    layers: list[nn.Module] = [nn.Unflatten(1, (channels, height, width)),
+                               nn.Conv2d(channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()]
+    width_in = stem
+    for stage, out in enumerate(cfg.channels):
+        for block in range(cfg.blocks):
+            layers.append(BasicBlock(width_in, out, 2 if stage > 0 and block == 0 else 1))
+            width_in = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(width_in, classes)]
+    return nn.Sequential(*layers)
+
+
 def build(cfg: ModelConfig, stats: dict[str, Any]) -> nn.Module:
     """The network for `model.arch`, sized for the data set described by `data/stats.json`."""
     classes = stats["num_classes"]
-    if cfg.arch == "cnn" and len(stats["image_shape"]) != 3:
-        raise ValueError(f"model.arch cnn needs image data; this data set has flat features {stats['image_shape']}")
-    return _mlp(cfg, stats["features"], classes) if cfg.arch == "mlp" else _cnn(cfg, stats["image_shape"], classes)
+    if cfg.arch == "mlp":
+        return _mlp(cfg, stats["features"], classes)
+    if len(stats["image_shape"]) != 3:
+        raise ValueError(f"model.arch {cfg.arch} needs image data; this data set has flat features")
+    return (_cnn if cfg.arch == "cnn" else _resnet)(cfg, stats["image_shape"], classes)
 
 
 def with_standardize(model: nn.Module, stats: dict[str, Any]) -> nn.Module:

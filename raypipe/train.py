@@ -59,11 +59,30 @@ def _all_reduce(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _warmup_cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_factor(progress: float, epochs: int, warmup_epochs: float) -> float:
+    """Learning-rate multiplier at `progress` epochs into training: linear warmup, then cosine decay.
+
+    A pure function of progress (not of a step count), so it is exact across resumes and across
+    elastic resizes, where the number of steps per epoch changes."""
+    if progress < warmup_epochs:
+        return (progress + 1e-3) / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-9)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))
+
+
+@ray.remote(num_cpus=0)
+class Attempts:
+    """Counts the starts of the training function (first start, restarts after failures, resizes)."""
+
+    def __init__(self):
+        self.worlds: list[int] = []
+
+    def start(self, world: int) -> None:
+        self.worlds.append(world)
+
+    def summary(self) -> dict[str, int]:
+        changes = [now != before for before, now in zip(self.worlds, self.worlds[1:])]
+        return {"restarts": changes.count(False), "resizes": changes.count(True)}
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +91,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     tcfg, stats = cfg.train, loop["stats"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        ray.get(loop["attempts"].start.remote(world))
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     precision = resolve_precision(tcfg.precision, device.type)
@@ -80,14 +101,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # A grad scaler only does anything for fp16; it is saved and restored either way.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    per_worker_batch = max(1, tcfg.batch_size // world)
-    steps_per_epoch = max(1, math.ceil(stats["rows"]["train"] / world / per_worker_batch))
-    total_steps = steps_per_epoch * tcfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _warmup_cosine(step, total_steps, warmup=steps_per_epoch)
-    )
+    # The global batch per optimizer step stays `batch_size` whatever the worker count:
+    # each worker takes batch_size / (workers x accumulation steps) rows per micro-batch.
+    micro_batch = max(1, tcfg.batch_size // (world * tcfg.grad_accum_steps))
 
-    start_epoch, history, starts = 0, [], 1
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -95,29 +113,34 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start_epoch, history, starts = state["epoch"], state["history"], state["starts"] + 1
+        start_epoch, history = state["epoch"], state["history"]
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = max(1, math.ceil(stats["rows"]["train"] / (micro_batch * world * tcfg.grad_accum_steps)))
     rates = []
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
-        began, loss_sum, seen = time.perf_counter(), 0.0, 0
+        began, loss_sum, seen, step, micro = time.perf_counter(), 0.0, 0, 0, 0
         ingest = data.IngestCollate(stats, cfg.data.augment, cfg.seed, epoch)
-        for x, y in train_shard.iter_torch_batches(batch_size=per_worker_batch, collate_fn=ingest,
-                                                   prefetch_batches=2, device=device):
-            with _autocast(precision, device):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+        batches = train_shard.iter_torch_batches(batch_size=micro_batch, collate_fn=ingest, prefetch_batches=2,
+                                                 device=device)
+        for micro, (x, y) in enumerate(batches, start=1):
+            last_micro = micro % tcfg.grad_accum_steps == 0
+            # Gradients all-reduce only on the micro-batch that ends an accumulation.
+            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with _autocast(precision, device):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss / tcfg.grad_accum_steps).backward()
+            if last_micro:
+                step = _step(optimizer, scaler, tcfg, epoch + step / steps_per_epoch, step)
             loss_sum += loss.item() * len(y)
             seen += len(y)
+        if micro % tcfg.grad_accum_steps:
+            _step(optimizer, scaler, tcfg, epoch + step / steps_per_epoch, step)
         elapsed = time.perf_counter() - began
         val_loss, val_correct, val_seen = _evaluate(model, val_shard, stats, loss_fn, precision, device)
         loss_sum, seen, val_loss, val_correct, val_seen, elapsed = _all_reduce(
@@ -131,6 +154,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             "train_loss": loss_sum / max(seen, 1),
             "val_loss": val_loss / max(val_seen, 1),
             "val_accuracy": val_correct / max(val_seen, 1),
+            "workers": world,
         }
         history.append(metrics)
         done = epoch + 1 == tcfg.epochs
@@ -141,11 +165,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                         "model": _unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "scheduler": scheduler.state_dict(),
+                        # The schedule is a function of progress: its whole state is where it stands.
+                        "scheduler": {"progress_epochs": epoch + 1, "lr": optimizer.param_groups[0]["lr"]},
                         "rng": torch.get_rng_state(),
                         "epoch": epoch + 1,
                         "history": history,
-                        "starts": starts,
                         "precision": precision,
                     },
                     os.path.join(folder, CHECKPOINT_FILE),
@@ -155,12 +179,20 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
     return {
         "history": history,
-        "restarts": starts - 1,
         "samples_per_second": float(np.median(rates)) if rates else None,
         "precision": precision,
         "device": device.type,
         "workers": world,
     }
+
+
+def _step(optimizer, scaler, tcfg: TrainConfig, progress: float, step: int) -> int:
+    for group in optimizer.param_groups:
+        group["lr"] = tcfg.lr * lr_factor(progress, tcfg.epochs, tcfg.warmup_epochs)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step + 1
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -185,16 +217,21 @@ def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
     low, high = tcfg.worker_range()
     return ScalingConfig(
         num_workers=low if low == high else (low, high),
+        elastic_resize_monitor_interval_s=tcfg.elastic_monitor_s,
         use_gpu=tcfg.device == "cuda",
         resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.device == "cuda" else {})},
     )
 
 
 def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
-    """Train on the run's data; returns history, throughput and the best checkpoint's path in the run."""
+    """Train on the run's data; returns history, throughput, restarts and the best checkpoint's path.
+
+    Ray Train resumes by itself from the latest checkpoint under `<run>/checkpoints/`: after a worker
+    failure within this call, and across calls on the same run (`raypipe train --resume`)."""
+    attempts = Attempts.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.public_dict(), "stats": stats},
+        train_loop_config={"config": cfg.public_dict(), "stats": stats, "attempts": attempts},
         scaling_config=scaling_config(cfg.train),
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
@@ -212,7 +249,7 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
     )
     result = trainer.fit()
     best, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
-    summary = dict(result.return_value)
+    summary = dict(result.return_value) | ray.get(attempts.summary.remote())
     summary["checkpoint"] = posixpath.join(posixpath.relpath(best.path, paths.path("")), CHECKPOINT_FILE)
     summary["best_epoch"] = best_metrics["epoch"]
     log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", summary["checkpoint"],

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 
 from raypipe.storage import RunPaths
@@ -92,17 +93,29 @@ def test_stages_one_at_a_time(tmp_path):
     assert early.returncode == 2 and "no train.json" in early.stderr
 
     # The small CNN with bf16 autocast on the CPU workers; the overrides become the run's config.
-    trained = raypipe("train", run, "--set", "train.epochs=5", "--set", "train.lr=0.005", "--set", "model.arch=cnn",
-                      "--set", "model.channels=[16, 32]", "--set", "train.precision=bf16")
+    cnn = ["--set", "train.lr=0.005", "--set", "model.arch=cnn", "--set", "model.channels=[16, 32]",
+           "--set", "train.precision=bf16"]
+    trained = raypipe("train", run, "--set", "train.epochs=3", *cnn)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    summary = json.loads((Path(run) / "train.json").read_text())
-    assert len(summary["history"]) == 5 and summary["precision"] == "bf16"
-    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
+    before = json.loads((Path(run) / "train.json").read_text())["history"]
+    assert len(before) == 3 and before[-1]["train_loss"] < before[0]["train_loss"]
     assert yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["arch"] == "cnn"
-    assert not (Path(run) / "MANIFEST.json").exists()
+    latest = max(Path(run).glob("checkpoints/checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
+    state = torch.load(latest, weights_only=False)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scaler", "scheduler", "rng"} <= state.keys()
+    assert state["optimizer"]["state"] and "scale" in state["scaler"]
 
+    # Resume across invocations: refused without --resume, then the loss continues from epoch 3.
     again = raypipe("train", run, timeout=120)
-    assert again.returncode == 2 and "already has checkpoints" in again.stderr
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = raypipe("train", run, "--resume", "--set", "train.epochs=5", *cnn)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((Path(run) / "train.json").read_text())
+    after = summary["history"]
+    assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
+    assert after[3]["train_loss"] < (before[0]["train_loss"] + before[2]["train_loss"]) / 2
+    assert summary["precision"] == "bf16" and summary["restarts"] == 0
+    assert not (Path(run) / "MANIFEST.json").exists()
 
     sealed = raypipe("compress", run)
     assert sealed.returncode == 0, sealed.stderr[-3000:]

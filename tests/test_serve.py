@@ -23,26 +23,31 @@ def server(smoke_run):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    try:
+        _wait_ready(process, base)
+        yield base
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            pytest.fail("raypipe serve did not stop within 60 s of Ctrl-C")
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def _wait_ready(process: subprocess.Popen, base: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         try:
             if requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200:
-                break
+                return
         except requests.RequestException:  # not listening yet, or replicas still starting
             pass
         time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("raypipe serve did not become ready in 180 s")
-    yield base
-    process.send_signal(signal.SIGINT)
-    try:
-        _, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail("raypipe serve did not stop within 60 s of Ctrl-C")
-    assert process.returncode == 0, stderr[-3000:]
+    pytest.fail(f"raypipe serve did not become ready in {seconds:.0f} s")
 
 
 def _test_rows(run_path, n=40):
