@@ -219,7 +219,7 @@ def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
         num_workers=low if low == high else (low, high),
         elastic_resize_monitor_interval_s=tcfg.elastic_monitor_s,
         use_gpu=tcfg.device == "cuda",
-        resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.device == "cuda" else {})},
+        resources_per_worker={"CPU": tcfg.cpus_per_worker},  # use_gpu adds one GPU per worker
     )
 
 

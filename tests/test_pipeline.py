@@ -92,9 +92,10 @@ def test_stages_one_at_a_time(tmp_path):
     early = raypipe("compress", run, timeout=120)
     assert early.returncode == 2 and "no train.json" in early.stderr
 
-    # The small CNN with bf16 autocast on the CPU workers; the overrides become the run's config.
+    # The small CNN with fp16 autocast and a grad scaler on the CPU workers; the overrides become the
+    # run's config.
     cnn = ["--set", "train.lr=0.005", "--set", "model.arch=cnn", "--set", "model.channels=[16, 32]",
-           "--set", "train.precision=bf16"]
+           "--set", "train.precision=fp16"]
     trained = raypipe("train", run, "--set", "train.epochs=3", *cnn)
     assert trained.returncode == 0, trained.stderr[-3000:]
     before = json.loads((Path(run) / "train.json").read_text())["history"]
@@ -114,7 +115,7 @@ def test_stages_one_at_a_time(tmp_path):
     after = summary["history"]
     assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
     assert after[3]["train_loss"] < (before[0]["train_loss"] + before[2]["train_loss"]) / 2
-    assert summary["precision"] == "bf16" and summary["restarts"] == 0
+    assert summary["precision"] == "fp16" and summary["restarts"] == 0
     assert not (Path(run) / "MANIFEST.json").exists()
 
     sealed = raypipe("compress", run)

@@ -23,6 +23,7 @@ def s3_run(s3_endpoint):
         "--set", f"storage.s3.endpoint_url={s3_endpoint}",
         "--set", f"storage.s3.access_key_id={KEY_ID}",
         "--set", f"storage.s3.secret_access_key={SECRET}",
+        "--set", "train.precision=bf16",
         env={"AWS_DEFAULT_REGION": "us-east-1"},
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -36,6 +37,7 @@ def test_run_lands_on_s3_whole(s3_run, s3_endpoint):
     key = uri.removeprefix("s3://")
     report = json.loads(fs.cat_file(f"{key}/report.json"))
     assert report["train"]["epochs"] == 4 and report["train"]["checkpoint"].startswith(uri + "/checkpoints/")
+    assert report["train"]["precision"] == "bf16"
     assert [v["name"] for v in report["variants"]] == ["fp32", "int8"]
     assert all(v["uri"].startswith(uri) for v in report["variants"])
     assert fs.glob(f"{key}/data/train/*.parquet") and fs.glob(f"{key}/checkpoints/checkpoint_*/checkpoint.pt")

@@ -1,0 +1,53 @@
+"""Models, precision choice and the learning-rate schedule, as plain Python (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+
+from raypipe import compress, models
+from raypipe.config import ModelConfig
+from raypipe.predict import OnnxModel
+from raypipe.train import lr_factor, resolve_precision
+
+IMAGES = {"features": 3 * 32 * 32, "num_classes": 10, "image_shape": [3, 32, 32],
+          "standardize": {"mean": [120.0] * 3072, "std": [60.0] * 3072}}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet"])
+def test_every_arch_trains_a_step_and_exports(arch):
+    torch.manual_seed(0)
+    net = models.build(ModelConfig(arch=arch, channels=[8, 16], hidden=[32]), IMAGES)
+    x, y = torch.randn(8, 3072), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    served = models.with_standardize(net, IMAGES)
+    raw = np.random.default_rng(0).uniform(0, 255, (4, 3072)).astype(np.float32)
+    onnx = OnnxModel(compress.export_onnx(served, 3072))
+    with torch.no_grad():
+        expected = served(torch.from_numpy(raw)).numpy()
+    assert np.allclose(onnx.logits(raw), expected, atol=1e-4)
+
+
+def test_image_archs_refuse_flat_features():
+    with pytest.raises(ValueError, match="needs image data"):
+        models.build(ModelConfig(arch="resnet"), {"features": 5, "num_classes": 2, "image_shape": [5]})
+
+
+def test_auto_precision():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_learning_rate_warms_up_then_decays():
+    values = [lr_factor(p, epochs=10, warmup_epochs=1) for p in np.linspace(0, 10, 101)]
+    peak = int(np.argmax(values))
+    assert values[0] < 0.05 and 9 <= peak <= 11 and values[-1] < 1e-6
+    assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
