@@ -209,8 +209,7 @@ def read_source(cfg: DataConfig, info: dict[str, Any], s3: S3Config | None = Non
 
         digits = load_digits()
         rows = [{"x": x, "label_raw": str(y)} for x, y in zip(digits.data.astype(np.float32), digits.target)]
-        ds = ray.data.from_items(rows[: cfg.limit], override_num_blocks=2)
-        return ds
+        return ray.data.from_items(rows[: cfg.limit], override_num_blocks=2)
     fs = arrow_filesystem(filesystem(cfg.source, s3))
     paths = [strip_scheme(f) for f in info["files"]]
     if info["format"] == "images":

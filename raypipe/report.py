@@ -60,7 +60,7 @@ def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any],
 
 
 def _hashes(paths: RunPaths, prefix: str) -> dict[str, str]:
-    return {rel: sha256_bytes(paths.read_bytes(rel)) for rel in paths.files() if rel.startswith(prefix)}
+    return {rel: paths.sha256(rel)[0] for rel in paths.files() if rel.startswith(prefix)}
 
 
 def _training_plot(history: list[dict[str, Any]]) -> bytes:

@@ -49,7 +49,7 @@ def strip_scheme(uri: str) -> str:
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """A pyarrow view of an fsspec filesystem, for Ray Data and Ray Train (which take pyarrow)."""
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if "file" in fs.protocol:  # a str or a tuple of names, depending on the implementation
         return pyarrow.fs.LocalFileSystem()
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
@@ -130,6 +130,15 @@ class RunPaths:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def sha256(self, rel: str) -> tuple[str, int]:
+        """(sha256, size) of a file in the run, streamed in chunks rather than read whole."""
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open(self.path(rel), "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest(), size
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
@@ -158,8 +167,8 @@ class RunPaths:
         """Write MANIFEST.json (sha256 and size of every file), last of all."""
         files = {}
         for rel in self.files():
-            data = self.read_bytes(rel)
-            files[rel] = {"sha256": sha256_bytes(data), "size": len(data)}
+            sha, size = self.sha256(rel)
+            files[rel] = {"sha256": sha, "size": size}
         manifest = {"run_id": self.run_id, "files": files}
         self.write_json(MANIFEST, manifest)
         return manifest
@@ -174,7 +183,7 @@ class RunPaths:
         for rel, entry in sorted(expected.items()):
             if rel not in present:
                 problems.append(f"{rel}: missing")
-            elif sha256_bytes(self.read_bytes(rel)) != entry["sha256"]:
+            elif self.sha256(rel)[0] != entry["sha256"]:
                 problems.append(f"{rel}: sha256 does not match the manifest")
         problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
         return problems

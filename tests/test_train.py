@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import REPO, raypipe
+from tests.conftest import REPO
 
 
 def _train_workers(pid: int) -> list[psutil.Process]:
