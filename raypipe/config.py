@@ -157,7 +157,7 @@ class TrainConfig(_Model):
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("fp32", description="Autocast precision.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts allowed after failures (-1: unlimited).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs (and after the last).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: this many best by validation accuracy, plus the latest.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept to resume from: the latest N (the best by validation accuracy is kept too).")
     elastic_monitor_s: float = Field(10.0, gt=0, description="How often an elastic run looks for room to grow.")
 
     @field_validator("workers", mode="before")

@@ -12,10 +12,10 @@ import io
 import logging
 import math
 import os
-import posixpath
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ from raypipe.storage import RunPaths
 log = logging.getLogger("raypipe")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The best checkpoint by validation accuracy, kept apart from Ray's rolling last `keep_checkpoints`.
+BEST_CHECKPOINT = "checkpoints/best/" + CHECKPOINT_FILE
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -105,7 +107,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     # each worker takes batch_size / (workers x accumulation steps) rows per micro-batch.
     micro_batch = max(1, tcfg.batch_size // (world * tcfg.grad_accum_steps))
 
-    start_epoch, history = 0, []
+    start_epoch, history, best_accuracy = 0, [], -1.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -114,7 +116,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history, best_accuracy = state["epoch"], state["history"], state["best_val_accuracy"]
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -159,21 +161,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         history.append(metrics)
         done = epoch + 1 == tcfg.epochs
         if rank == 0 and ((epoch + 1) % tcfg.checkpoint_every == 0 or done):
+            best = metrics["val_accuracy"] > best_accuracy
+            best_accuracy = max(best_accuracy, metrics["val_accuracy"])
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                # The schedule is a function of progress: its whole state is where it stands.
+                "scheduler": {"progress_epochs": epoch + 1, "lr": optimizer.param_groups[0]["lr"]},
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "best_val_accuracy": best_accuracy,
+                "precision": precision,
+            }
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(
-                    {
-                        "model": _unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        # The schedule is a function of progress: its whole state is where it stands.
-                        "scheduler": {"progress_epochs": epoch + 1, "lr": optimizer.param_groups[0]["lr"]},
-                        "rng": torch.get_rng_state(),
-                        "epoch": epoch + 1,
-                        "history": history,
-                        "precision": precision,
-                    },
-                    os.path.join(folder, CHECKPOINT_FILE),
-                )
+                torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+                if best:  # written before the report, so a resumed run never points past it
+                    loop["paths"].write_bytes(BEST_CHECKPOINT, Path(folder, CHECKPOINT_FILE).read_bytes())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -231,7 +236,7 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
     attempts = Attempts.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.public_dict(), "stats": stats, "attempts": attempts},
+        train_loop_config={"config": cfg.public_dict(), "stats": stats, "attempts": attempts, "paths": paths},
         scaling_config=scaling_config(cfg.train),
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
@@ -240,21 +245,23 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
             storage_path=paths.path(""),
             storage_filesystem=paths.arrow_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="val_accuracy",
-                checkpoint_score_order="max",
-            ),
+            # Ray keeps the latest `keep_checkpoints` (the resume points); rank 0 keeps the best apart.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
-    best, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
-    summary = dict(result.return_value) | ray.get(attempts.summary.remote())
-    summary["checkpoint"] = posixpath.join(posixpath.relpath(best.path, paths.path("")), CHECKPOINT_FILE)
-    summary["best_epoch"] = best_metrics["epoch"]
-    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", summary["checkpoint"],
-             best_metrics["epoch"], best_metrics["val_accuracy"])
+    summary = dict(trainer.fit().return_value) | ray.get(attempts.summary.remote())
+    best = best_checkpointed(summary["history"], cfg.train)
+    summary["checkpoint"], summary["best_epoch"] = BEST_CHECKPOINT, best["epoch"]
+    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, best["epoch"],
+             best["val_accuracy"])
     return summary
+
+
+def best_checkpointed(history: list[dict[str, Any]], tcfg: TrainConfig) -> dict[str, Any]:
+    """The epoch whose checkpoint is the best: the first of the highest validation accuracy among the
+    checkpointed epochs (every `checkpoint_every`, and the last)."""
+    saved = [h for h in history if h["epoch"] % tcfg.checkpoint_every == 0 or h["epoch"] == tcfg.epochs]
+    return max(saved, key=lambda h: h["val_accuracy"])
 
 
 def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:

@@ -1,12 +1,15 @@
 """The data and train stages on one in-process Ray (loopback only): every source format, counts by
 reason, stable splits, an S3 round trip with checkpoints and a resume from S3."""
 
+import io
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
+import torch
 from sklearn.datasets import load_digits
 
 from raypipe import data, datagen, train
@@ -139,4 +142,9 @@ def test_s3_round_trip(s3_endpoint):
     second = train.fit(longer, data.load(paths), stats, paths)
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
     assert second["history"][:2] == first["history"] and second["restarts"] == 0
-    assert second["checkpoint"].startswith("checkpoints/checkpoint_")
+    # Retention: Ray keeps the latest two (train.keep_checkpoints), the best is kept apart.
+    kept = sorted(fs.glob(f"{paths.path('checkpoints')}/checkpoint_*/checkpoint.pt"))
+    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=False)["epoch"] for f in kept] == [2, 3]
+    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=False)
+    assert second["checkpoint"] == "checkpoints/best/checkpoint.pt" and best["epoch"] == second["best_epoch"]
+    assert best["history"][-1]["val_accuracy"] == max(h["val_accuracy"] for h in second["history"])
