@@ -424,7 +424,8 @@ class IngestCollate(NumpyBatchCollateFn):
         else:
             x = np.asarray(batch["x"])
         x = standardize(x, self.stats["standardize"])
-        return torch.from_numpy(x), torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        # Labels are copied: Ray hands out read-only views of its Arrow buffers, which torch warns about.
+        return torch.from_numpy(x), torch.tensor(batch["label"], dtype=torch.int64)
 
 
 # ---- the stage -------------------------------------------------------------------------------------
