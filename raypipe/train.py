@@ -107,7 +107,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     # each worker takes batch_size / (workers x accumulation steps) rows per micro-batch.
     micro_batch = max(1, tcfg.batch_size // (world * tcfg.grad_accum_steps))
 
-    start_epoch, history, best_accuracy = 0, [], -1.0
+    start_epoch, history, best = 0, [], {"epoch": 0, "val_accuracy": -1.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -116,7 +116,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        start_epoch, history, best_accuracy = state["epoch"], state["history"], state["best_val_accuracy"]
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -161,8 +161,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         history.append(metrics)
         done = epoch + 1 == tcfg.epochs
         if rank == 0 and ((epoch + 1) % tcfg.checkpoint_every == 0 or done):
-            best = metrics["val_accuracy"] > best_accuracy
-            best_accuracy = max(best_accuracy, metrics["val_accuracy"])
+            improved = metrics["val_accuracy"] > best["val_accuracy"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_accuracy": metrics["val_accuracy"]}
             state = {
                 "model": _unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -172,12 +173,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                 "rng": torch.get_rng_state(),
                 "epoch": epoch + 1,
                 "history": history,
-                "best_val_accuracy": best_accuracy,
+                "best": best,
                 "precision": precision,
             }
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-                if best:  # written before the report, so a resumed run never points past it
+                if improved:  # written before the report, so a resumed run never points past it
                     loop["paths"].write_bytes(BEST_CHECKPOINT, Path(folder, CHECKPOINT_FILE).read_bytes())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
@@ -188,6 +189,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         "precision": precision,
         "device": device.type,
         "workers": world,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
     }
 
 
@@ -250,18 +253,10 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
         ),
     )
     summary = dict(trainer.fit().return_value) | ray.get(attempts.summary.remote())
-    best = best_checkpointed(summary["history"], cfg.train)
-    summary["checkpoint"], summary["best_epoch"] = BEST_CHECKPOINT, best["epoch"]
-    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, best["epoch"],
-             best["val_accuracy"])
+    summary["checkpoint"] = BEST_CHECKPOINT
+    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary["best_epoch"],
+             summary["best_val_accuracy"])
     return summary
-
-
-def best_checkpointed(history: list[dict[str, Any]], tcfg: TrainConfig) -> dict[str, Any]:
-    """The epoch whose checkpoint is the best: the first of the highest validation accuracy among the
-    checkpointed epochs (every `checkpoint_every`, and the last)."""
-    saved = [h for h in history if h["epoch"] % tcfg.checkpoint_every == 0 or h["epoch"] == tcfg.epochs]
-    return max(saved, key=lambda h: h["val_accuracy"])
 
 
 def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from raypipe import compress, models
-from raypipe.config import ModelConfig, TrainConfig
+from raypipe.config import ModelConfig
 from raypipe.predict import OnnxModel
-from raypipe.train import best_checkpointed, lr_factor, resolve_precision
+from raypipe.train import lr_factor, resolve_precision
 
 IMAGES = {"features": 3 * 32 * 32, "num_classes": 10, "image_shape": [3, 32, 32],
           "standardize": {"mean": [120.0] * 3072, "std": [60.0] * 3072}}
@@ -52,10 +52,3 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
 
-
-def test_the_best_checkpoint_is_the_first_best_among_checkpointed_epochs():
-    accuracy = [0.5, 0.9, 0.7, 0.9, 0.95, 0.8, 0.85]  # epoch 5 is best but has no checkpoint
-    history = [{"epoch": e, "val_accuracy": a} for e, a in enumerate(accuracy, start=1)]
-    every_two = TrainConfig(epochs=7, checkpoint_every=2)  # checkpoints after epochs 2, 4, 6, 7
-    assert best_checkpointed(history, every_two)["epoch"] == 2
-    assert best_checkpointed(history, TrainConfig(epochs=7))["epoch"] == 5
