@@ -1,6 +1,6 @@
 """An elastic run (train.workers {min: 1, max: 2}) starts at one worker and grows when a node joins.
 
-`ray.cluster_utils.Cluster` starts real Ray nodes on loopback: a head with room for one 2-CPU worker,
+`ray.cluster_utils.Cluster` starts real Ray nodes on loopback: a head with room for one 3-CPU worker,
 then, once training is under way, a second node with room for another."""
 
 import threading
@@ -34,7 +34,7 @@ def _refresh_cluster_view():
 
 
 def test_elastic_run_grows_when_a_node_joins(cluster, tmp_path):
-    # 2 CPUs a worker: one fits on the 3-CPU head (its third CPU is Ray Data's), the second needs a new node.
+    # 3 logical CPUs a worker: one fits on the 5-CPU head (two left for Ray Data), the second needs a new node.
     cfg = load(None, {"storage.root": str(tmp_path), "data.limit": 400, "train.epochs": 20,
                       "train.workers": {"min": 1, "max": 2}, "train.cpus_per_worker": 3,
                       "train.elastic_monitor_s": 1, "model.hidden": [32]})
