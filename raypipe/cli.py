@@ -48,7 +48,10 @@ def _load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _init_ray(address: str | None, cfg: Config | None = None) -> None:
+def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = False) -> None:
+    """Connect to a cluster, or start an embedded local Ray. A command that `trains` is refused (exit 2)
+    when its minimum worker group can never fit the embedded Ray, where it would otherwise wait forever;
+    a cluster may still grow, so there it waits."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -56,11 +59,28 @@ def _init_ray(address: str | None, cfg: Config | None = None) -> None:
         log.info("ray: connecting to %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
+        if trains:
+            _check_fits_locally(cfg)
         log.info("ray: starting an embedded local Ray on 127.0.0.1")
         # Ray Train's controller polls workers every 2 s by default, which each per-epoch report waits on.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         ray.init(num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
                  include_dashboard=False, configure_logging=False)
+
+
+def _check_fits_locally(cfg: Config) -> None:
+    tcfg, cpus = cfg.train, cfg.ray.num_cpus or os.cpu_count()
+    low = tcfg.worker_range()[0]
+    if low * tcfg.cpus_per_worker > cpus:
+        raise ConfigError(
+            f"train.cpus_per_worker: {low} worker(s) x {tcfg.cpus_per_worker} CPUs do not fit the embedded Ray's "
+            f"{cpus} CPUs; lower train.workers or train.cpus_per_worker, set ray.num_cpus, or pass --address")
+    if tcfg.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < low:
+            raise ConfigError(f"train.device: cuda needs {low} GPU(s), one per worker; this machine has "
+                              f"{torch.cuda.device_count()}")
 
 
 def _print_last(uri: str) -> None:
@@ -89,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
 
     source = data.inspect_source(cfg.data, cfg.storage.s3)
-    _init_ray(args.address, cfg)
+    _init_ray(args.address, cfg, trains=True)
     paths = pipeline.run(cfg, source)
     _print_last(paths.uri)
     return 0
@@ -133,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run}: already has checkpoints; pass --resume to continue from the latest")
     if paths.exists("MANIFEST.json"):
         raise ConfigError(f"{args.run}: is sealed (has MANIFEST.json); start a new run to train again")
-    _init_ray(args.address, cfg)
+    _init_ray(args.address, cfg, trains=True)
     from raypipe import pipeline
 
     pipeline.train_stage(cfg, paths, paths.read_json("data/stats.json"))

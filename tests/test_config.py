@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from raypipe import config
@@ -64,6 +65,8 @@ def test_secrets_are_kept_out_of_the_public_config():
         (["--set", "train.workers={min: 4, max: 2}"], "train.workers.min (4)"),
         (["--set", "train.nope=1"], "train.nope: unknown key"),
         (["--set", "model.arch=vit"], "model.arch"),
+        # Two workers of 8 CPUs can never start on this machine's embedded Ray: refused, not left waiting.
+        (["--set", "train.cpus_per_worker=8"], "train.cpus_per_worker"),
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--set", "novalue"], "--set 'novalue'"),
     ],
@@ -76,6 +79,14 @@ def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, args, ne
     assert last.startswith("raypipe: error:") and needle in last
     assert not root.exists()
     assert "ray: starting" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cuda_training_without_a_gpu_exits_2_before_ray(tmp_path):
+    root = tmp_path / "runs"
+    done = raypipe("run", "--set", f"storage.root={root}", "--set", "train.device=cuda", timeout=60)
+    assert done.returncode == 2 and "train.device: cuda needs 2 GPU(s)" in done.stderr.strip().splitlines()[-1]
+    assert not root.exists() and "ray: starting" not in done.stderr
 
 
 def test_validate_command(tmp_path):
