@@ -193,7 +193,7 @@ def cmd_datagen(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's accepted variants on Ray Serve until Ctrl-C (V2 REST API)."""
-    from raypipe.serving import ServeArgs, build_app, open_verified
+    from raypipe.serving.app import ServeArgs, build_app, open_verified
 
     s3 = config_mod.load(args.config).storage.s3 if args.config else config_mod.S3Config()
     open_verified(args.run, s3)

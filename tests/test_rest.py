@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from raypipe import compress, models
 from raypipe.config import ModelConfig
 from raypipe.predict import OnnxModel
-from raypipe.rest import Catalog, LocalBackend, make_app
+from raypipe.serving.rest import Catalog, LocalBackend, make_app
 
 STATS = {"features": 64, "num_classes": 10, "image_shape": [1, 8, 8],
          "standardize": {"mean": [4.0] * 64, "std": [6.0] * 64}}

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from raypipe.serving import ServeArgs, build_app
+from raypipe.serving.app import ServeArgs, build_app
 from tests.conftest import REPO
 
 SERVE_FILES = sorted((REPO / "serve").glob("*.yaml"))
@@ -17,7 +17,7 @@ def test_serve_configs_validate(path: Path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     assert schema.http_options.host == "127.0.0.1"
     for app in schema.applications:
-        assert app.import_path == "raypipe.serving:build_app"
+        assert app.import_path == "raypipe.serving.app:build_app"
         ServeArgs.model_validate(app.args)
 
 

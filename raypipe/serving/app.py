@@ -1,6 +1,6 @@
 """The Ray Serve application: a FastAPI ingress in front of one autoscaling deployment per variant.
 
-`build_app(args)` is the typed builder that `raypipe serve`, `serve run raypipe.serving:build_app run=URI`
+`build_app(args)` is the typed builder that `raypipe serve`, `serve run raypipe.serving.app:build_app run=URI`
 and the files in serve/ all use. Models load in each replica's `__init__`; Serve balances requests
 across replicas (power of two choices) and scales them between serve.min_replicas and max_replicas.
 """
@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raypipe.config import ConfigError, S3Config, ServeConfig
 from raypipe.predict import OnnxModel
-from raypipe.rest import Catalog, make_app
+from raypipe.serving.rest import Catalog, make_app
 from raypipe.storage import RunPaths, sha256_bytes
 
 

@@ -1,7 +1,7 @@
 """The REST API: the Open Inference Protocol (KServe V2) over HTTP, as one FastAPI app.
 
 `make_app(backend)` builds the routes over any backend that can predict by version: Ray Serve's ingress
-(raypipe.serving) passes itself, with model replicas behind it; the edge server passes a local model.
+(raypipe.serving.app) passes itself, with model replicas behind it; the edge server passes a local model.
 Every error is JSON `{"error": ...}` with the exact status; nothing a client sends yields a 500.
 """
 
