@@ -191,12 +191,33 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a run's accepted variants on Ray Serve until Ctrl-C (V2 REST API)."""
-    from raypipe.serving.app import ServeArgs, build_app, open_verified
+def _s3_to_env(s3: config_mod.S3Config) -> None:
+    """Put S3 settings from --config into the environment, where s3fs finds them in this process and in
+    the Ray workers it starts (they inherit it): never into arguments that Ray shows in deployed configs."""
+    values = {
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_DEFAULT_REGION": s3.region,
+        "AWS_ACCESS_KEY_ID": s3.access_key_id and s3.access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": s3.secret_access_key and s3.secret_access_key.get_secret_value(),
+    }
+    os.environ.update({key: value for key, value in values.items() if value})
 
-    s3 = config_mod.load(args.config).storage.s3 if args.config else config_mod.S3Config()
-    open_verified(args.run, s3)
+
+def _variants(text: str | None) -> list[str] | None:
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve sealed runs or bundles on Ray Serve until Ctrl-C: the V2 REST API on autoscaling replicas."""
+    cfg = _load_config(args)
+    _s3_to_env(cfg.storage.s3)
+    from raypipe.serving.app import ServeArgs, build_app, proxy_env
+
+    app = build_app(ServeArgs(sources=args.sources, variants=_variants(args.variants), serve=cfg.serve))
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        log.info("serve.proxy is the cluster's: it is set by the head's environment (see cluster/README.md)")
+    else:
+        os.environ.update(proxy_env(cfg.serve.proxy))
     _init_ray(args.address)
     from ray import serve
 
@@ -205,15 +226,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        serve.run(build_app(ServeArgs(run=args.run, s3=s3)), name="raypipe", route_prefix="/")
-        log.info("serving %s on http://%s:%d/v2 (docs: /docs); Ctrl-C to stop", args.run, args.host, args.port)
+        serve.run(app, name="raypipe", route_prefix="/")
+        log.info("serving %s on http://%s:%d/v2 (docs: /docs); Ctrl-C to stop", ", ".join(args.sources),
+                 args.host, args.port)
         stop.wait()
     finally:
-        log.info("shutting down Serve")
+        log.info("draining in-flight requests and shutting down Serve")
         serve.shutdown()
         import ray
 
         ray.shutdown()
+    return 0
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    """Serve a run or bundle without Ray: the same V2 REST API on uvicorn and ONNX Runtime."""
+    if args.config:
+        _s3_to_env(config_mod.load(args.config).storage.s3)
+    from pathlib import Path
+
+    from raypipe.serving import bundle, catalog, edge
+
+    source = args.source
+    if catalog.is_bundle(source):
+        cache = Path(args.cache).expanduser() if args.cache else bundle.DEFAULT_CACHE
+        source = str(bundle.pull(source, cache, args.digest))
+        log.info("bundle %s verified, cached at %s", args.source, source)
+    elif args.digest:
+        raise ConfigError(f"--digest: {args.source} is a run, not a bundle")
+    served = catalog.open_sources([source], _variants(args.variants))
+    log.info("edge: serving %s on http://%s:%d/v2 with %d worker(s); Ctrl-C to stop",
+             ", ".join(f"{m}:{','.join(s.versions)}" for m, s in served.models.items()), args.host, args.port,
+             args.workers)
+    edge.serve(source, args.host, args.port, args.workers, _variants(args.variants))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a bundle (also a Triton model repository) of runs' promoted or chosen variants; prints its
+    digest, then its URI last."""
+    if args.config:
+        _s3_to_env(config_mod.load(args.config).storage.s3)
+    from raypipe.serving import bundle
+
+    digest = bundle.export(args.runs, args.to, _variants(args.variants))
+    log.info("bundle %s written, digest %s", args.to, digest)
+    print(digest)
+    print(args.to.rstrip("/"), flush=True)
     return 0
 
 
@@ -276,12 +335,37 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate, smoke_test=False)
 
     serve = commands.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
-    serve.add_argument("run", help="run URI printed by `raypipe run` (local path or s3://)")
+    serve.add_argument("sources", nargs="+", metavar="RUN_OR_BUNDLE",
+                       help="sealed runs or bundles (local paths or s3://); each model under its config name")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    serve.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the run")
-    _common(serve, config=False)
+    serve.add_argument("--variants", metavar="V1,V2", help="serve only these variants (default: every accepted one)")
+    _common(serve, config_help="config whose serve.* keys set replicas, batching and the proxy, and whose "
+                               "storage.s3 reaches the sources (default: configs/default.yaml)")
     serve.set_defaults(func=cmd_serve)
+
+    edge = commands.add_parser("edge", help=cmd_edge.__doc__, description=cmd_edge.__doc__)
+    edge.add_argument("source", metavar="RUN_OR_BUNDLE", help="a sealed run or a bundle (local path or s3://)")
+    edge.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    edge.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    edge.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                      help="uvicorn worker processes (default: one per CPU this process may use)")
+    edge.add_argument("--variants", metavar="V1,V2", help="serve only these variants (default: all in the source)")
+    edge.add_argument("--digest", metavar="sha256:HEX", help="refuse a bundle whose digest differs (pinning)")
+    edge.add_argument("--cache", metavar="DIR",
+                      help="where pulled bundles are kept, by digest (default: $RAYPIPE_CACHE/bundles or "
+                           "~/.cache/raypipe/bundles)")
+    edge.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the source")
+    edge.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    edge.set_defaults(func=cmd_edge)
+
+    export = commands.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    export.add_argument("runs", nargs="+", metavar="RUN", help="sealed runs (local paths or s3://)")
+    export.add_argument("--to", required=True, metavar="URI", help="a new folder or s3:// prefix for the bundle")
+    export.add_argument("--variants", metavar="V1,V2", help="variants to include (default: each run's promoted)")
+    export.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach runs and --to")
+    export.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -190,10 +190,26 @@ class CompressConfig(_Model):
 
 
 class ServeConfig(_Model):
-    min_replicas: int = Field(1, ge=1, description="Fewest replicas per variant.")
-    max_replicas: int = Field(2, ge=1, description="Most replicas per variant (autoscaling).")
-    target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target of in-flight requests per replica.")
-    cpus_per_replica: float = Field(0.25, gt=0, description="CPUs each model replica reserves.")
+    proxy: Literal["haproxy", "default"] = Field(
+        "haproxy", description="haproxy: Ray Serve's HAProxy ingress balancing each replica's own HTTP server "
+                               "(throughput-optimized); default: Serve's Python proxy. Read when Ray starts.")
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas (autoscaling).")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    upscale_delay_s: float = Field(3, ge=0, description="Load must stay above target this long before scaling up.")
+    downscale_delay_s: float = Field(30, ge=0, description="Load must stay below target this long before scaling down.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; more queue.")
+    cpus_per_replica: float = Field(0.25, gt=0, description="CPUs each replica reserves.")
+    memory_mb: int | None = Field(None, ge=1, description="Memory each replica reserves, in MiB (default: none).")
+    node_resource: str | None = Field(
+        None, description="A custom Ray resource replicas require, to place them on nodes a cluster marks "
+                          "(e.g. 'edge'); each replica asks for 0.01 of it.")
+    max_batch_size: int = Field(32, ge=1, description="Most requests joined into one model call.")
+    batch_wait_ms: float = Field(
+        0, ge=0, description="How long a request waits for others to join its batch; 0 joins only requests "
+                             "already queued, so a lone request never waits.")
+    max_models_per_replica: int = Field(4, ge=1, description="Models each replica keeps loaded (LRU).")
 
     @model_validator(mode="after")
     def _ordered(self) -> ServeConfig:
@@ -201,6 +217,9 @@ class ServeConfig(_Model):
             raise ValueError(
                 f"serve.min_replicas ({self.min_replicas}) must be <= serve.max_replicas ({self.max_replicas})"
             )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"serve.max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"serve.max_batch_size ({self.max_batch_size}), or batches never fill")
         return self
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import pyarrow.fs
 
 from raypipe.config import ConfigError, S3Config, StorageConfig
 
@@ -49,6 +48,8 @@ def strip_scheme(uri: str) -> str:
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """A pyarrow view of an fsspec filesystem, for Ray Data and Ray Train (which take pyarrow)."""
+    import pyarrow.fs  # not at import: the edge server uses this module without pyarrow
+
     if "file" in fs.protocol:  # a str or a tuple of names, depending on the implementation
         return pyarrow.fs.LocalFileSystem()
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
@@ -56,6 +57,27 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
+    """Write a file whole: a local file under a temporary name, then renamed; an S3 object in one PUT."""
+    fs, target = filesystem(uri, s3), strip_scheme(uri)
+    if uri.startswith("s3://"):
+        fs.pipe_file(target, data)
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_bytes(uri: str, s3: S3Config | None = None) -> bytes:
+    return filesystem(uri, s3).cat_file(strip_scheme(uri))
 
 
 @dataclass(frozen=True)
@@ -107,19 +129,7 @@ class RunPaths:
         return f"{self.uri}/{rel}"
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        fs, target = self.fs, self.path(rel)
-        if self.is_s3:
-            fs.pipe_file(target, data)
-            return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_bytes(self.child_uri(rel), data, self.s3)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=False).encode())
@@ -173,17 +183,22 @@ class RunPaths:
         self.write_json(MANIFEST, manifest)
         return manifest
 
-    def verify(self) -> list[str]:
-        """Problems with the run's files against its MANIFEST.json; empty when it is whole."""
+    def verify(self, only: list[str] | None = None) -> list[str]:
+        """Problems with the run's files against its MANIFEST.json; empty when it is whole. With `only`,
+        just those files are checked (what a command is about to read)."""
         if not self.exists(MANIFEST):
             return [f"{self.uri}: no {MANIFEST} (the run is incomplete or failed)"]
         expected = self.read_json(MANIFEST)["files"]
-        problems = []
         present = set(self.files())
-        for rel, entry in sorted(expected.items()):
-            if rel not in present:
+        checked = sorted(expected) if only is None else sorted(only)
+        problems = []
+        for rel in checked:
+            if rel not in expected:
+                problems.append(f"{rel}: not in the manifest")
+            elif rel not in present:
                 problems.append(f"{rel}: missing")
-            elif self.sha256(rel)[0] != entry["sha256"]:
+            elif self.sha256(rel)[0] != expected[rel]["sha256"]:
                 problems.append(f"{rel}: sha256 does not match the manifest")
-        problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
+        if only is None:
+            problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
         return problems

@@ -62,6 +62,42 @@ def smoke_run(tmp_path_factory) -> Run:
     return Run(done.stdout.strip().splitlines()[-1], done)
 
 
+@dataclass
+class StagedRun:
+    uri: str
+    steps: dict[str, subprocess.CompletedProcess]
+    history_after_train: list[dict]
+    checkpoint_after_train: dict
+
+
+@pytest.fixture(scope="session")
+def staged_run(tmp_path_factory) -> StagedRun:
+    """A second sealed run, made one stage at a time (data, train, train --resume, compress): a small CNN
+    named digits-cnn with fp16 autocast. The stage test checks each step; the serving tests serve it."""
+    import torch
+
+    root = tmp_path_factory.mktemp("staged")
+    steps = {"data": raypipe("data", "--smoke-test", "--set", f"storage.root={root}", "--set", "name=digits-cnn")}
+    assert steps["data"].returncode == 0, steps["data"].stderr[-3000:]
+    run = steps["data"].stdout.strip().splitlines()[-1]
+    assert not (Path(run) / "MANIFEST.json").exists()
+    steps["compress-too-early"] = raypipe("compress", run, timeout=120)
+    cnn = ["--set", "train.lr=0.005", "--set", "model.arch=cnn", "--set", "model.channels=[16, 32]",
+           "--set", "train.precision=fp16"]
+    steps["train"] = raypipe("train", run, "--set", "train.epochs=3", *cnn)
+    assert steps["train"].returncode == 0, steps["train"].stderr[-3000:]
+    history = json.loads((Path(run) / "train.json").read_text())["history"]
+    latest = max(Path(run).glob("checkpoints/checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
+    state = torch.load(latest, weights_only=False)
+    steps["train-again"] = raypipe("train", run, timeout=120)
+    steps["resume"] = raypipe("train", run, "--resume", "--set", "train.epochs=5", *cnn)
+    assert steps["resume"].returncode == 0, steps["resume"].stderr[-3000:]
+    assert not (Path(run) / "MANIFEST.json").exists()
+    steps["compress"] = raypipe("compress", run)
+    assert steps["compress"].returncode == 0, steps["compress"].stderr[-3000:]
+    return StagedRun(run, steps, history, state)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's real S3 HTTP server on a free loopback port; yields its endpoint URL."""

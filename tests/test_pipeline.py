@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 from raypipe.storage import RunPaths
@@ -82,46 +81,30 @@ def test_verify_catches_a_changed_file(smoke_run, tmp_path):
     assert "no MANIFEST.json" in RunPaths.open(str(copy)).verify()[0]
 
 
-def test_stages_one_at_a_time(tmp_path):
-    root = tmp_path / "runs"
-    made = raypipe("data", "--smoke-test", "--set", f"storage.root={root}")
-    assert made.returncode == 0, made.stderr[-3000:]
-    run = made.stdout.strip().splitlines()[-1]
-    assert (Path(run) / "data/stats.json").is_file() and not (Path(run) / "MANIFEST.json").exists()
+def test_stages_one_at_a_time(staged_run):
+    steps, run = staged_run.steps, staged_run.uri
+    assert (Path(run) / "data/stats.json").is_file()
+    assert steps["compress-too-early"].returncode == 2 and "no train.json" in steps["compress-too-early"].stderr
 
-    early = raypipe("compress", run, timeout=120)
-    assert early.returncode == 2 and "no train.json" in early.stderr
-
-    # The small CNN with fp16 autocast and a grad scaler on the CPU workers; the overrides become the
+    # The small CNN with fp16 autocast and a grad scaler on the CPU workers; the overrides became the
     # run's config.
-    cnn = ["--set", "train.lr=0.005", "--set", "model.arch=cnn", "--set", "model.channels=[16, 32]",
-           "--set", "train.precision=fp16"]
-    trained = raypipe("train", run, "--set", "train.epochs=3", *cnn)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    before = json.loads((Path(run) / "train.json").read_text())["history"]
+    before, state = staged_run.history_after_train, staged_run.checkpoint_after_train
     assert len(before) == 3 and before[-1]["train_loss"] < before[0]["train_loss"]
-    assert yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["arch"] == "cnn"
-    latest = max(Path(run).glob("checkpoints/checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
-    state = torch.load(latest, weights_only=False)
     assert state["epoch"] == 3 and {"model", "optimizer", "scaler", "scheduler", "rng"} <= state.keys()
     assert state["optimizer"]["state"] and "scale" in state["scaler"]
 
     # Resume across invocations: refused without --resume, then the loss continues from epoch 3.
-    again = raypipe("train", run, timeout=120)
-    assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = raypipe("train", run, "--resume", "--set", "train.epochs=5", *cnn)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps["train-again"].returncode == 2 and "--resume" in steps["train-again"].stderr
     summary = json.loads((Path(run) / "train.json").read_text())
     after = summary["history"]
     assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
     assert after[3]["train_loss"] < (before[0]["train_loss"] + before[2]["train_loss"]) / 2
     assert summary["precision"] == "fp16" and summary["restarts"] == 0
-    assert not (Path(run) / "MANIFEST.json").exists()
+    assert yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["arch"] == "cnn"
 
-    sealed = raypipe("compress", run)
-    assert sealed.returncode == 0, sealed.stderr[-3000:]
-    assert sealed.stdout.strip().splitlines()[-1] == run
+    assert steps["compress"].stdout.strip().splitlines()[-1] == run
     assert RunPaths.open(run).verify() == []
     report = json.loads((Path(run) / "report.json").read_text())
     assert report["train"]["epochs"] == 5 and report["config"]["model"]["arch"] == "cnn"
+    assert report["config"]["name"] == "digits-cnn"
     assert report["variants"][0]["test_accuracy"] > 0.3

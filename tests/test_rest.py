@@ -1,4 +1,6 @@
-"""The V2 routes in-process (FastAPI TestClient) over a real ONNX model: status codes and bodies."""
+"""The V2 routes in-process (FastAPI TestClient) over real ONNX models: status codes, bodies, extensions."""
+
+import json
 
 import numpy as np
 import pytest
@@ -8,19 +10,35 @@ from fastapi.testclient import TestClient
 from raypipe import compress, models
 from raypipe.config import ModelConfig
 from raypipe.predict import OnnxModel
-from raypipe.serving.rest import Catalog, LocalBackend, make_app
+from raypipe.serving.catalog import Catalog, ModelSpec, VersionSpec
+from raypipe.serving.edge import EdgeBackend
+from raypipe.serving.rest import make_app
+from raypipe.storage import sha256_bytes
 
 STATS = {"features": 64, "num_classes": 10, "image_shape": [1, 8, 8],
          "standardize": {"mean": [4.0] * 64, "std": [6.0] * 64}}
 
 
+def _spec(name: str, blob: bytes, folder) -> ModelSpec:
+    path = folder / f"{name}.onnx"
+    path.write_bytes(blob)
+    version = VersionSpec(uri=str(path), sha256=sha256_bytes(blob), size_bytes=len(blob), test_accuracy=0.9)
+    return ModelSpec(name=name, promoted="fp32", features=64, classes=10, source=str(folder),
+                     versions={"fp32": version, "int8": version})
+
+
 @pytest.fixture(scope="module")
-def client():
+def blob():
     torch.manual_seed(0)
     net = models.with_standardize(models.build(ModelConfig(hidden=[16]), STATS), STATS)
-    model = OnnxModel(compress.export_onnx(net, 64))
-    catalog = Catalog("digits", "fp32", 64, 10, {"fp32": {"test_accuracy": 0.9}, "int8": {"test_accuracy": 0.9}})
-    return TestClient(make_app(LocalBackend(catalog, {"fp32": model, "int8": model})))
+    return compress.export_onnx(net, 64)
+
+
+@pytest.fixture(scope="module")
+def client(blob, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    catalog = Catalog.combine([_spec("digits", blob, folder), _spec("letters", blob, folder)])
+    return TestClient(make_app(EdgeBackend(catalog), replica="r1"))
 
 
 def _infer(client, data, shape, path="/v2/models/digits/infer", **extra):
@@ -28,21 +46,33 @@ def _infer(client, data, shape, path="/v2/models/digits/infer", **extra):
                                    **extra})
 
 
-def test_flat_and_nested_data_give_the_same_answer(client):
+def test_flat_and_nested_data_give_the_same_answer(client, blob):
     x = np.random.default_rng(0).uniform(0, 16, (4, 64)).round(2)
-    flat = _infer(client, x.ravel().tolist(), [4, 64]).json()
-    nested = _infer(client, x.tolist(), [4, 64]).json()
-    assert flat == nested
-    probs = np.array(flat["outputs"][1]["data"]).reshape(4, 10)
+    flat = _infer(client, x.ravel().tolist(), [4, 64])
+    nested = _infer(client, x.tolist(), [4, 64])
+    assert flat.status_code == 200 and flat.json() == nested.json()
+    assert flat.headers["raypipe-replica"] == "r1"
+    probs = np.array(flat.json()["outputs"][1]["data"]).reshape(4, 10)
+    assert np.allclose(probs, OnnxModel(blob).predict(x)[1], atol=1e-6)
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
 
 
+def test_two_models_each_answer_under_their_name(client):
+    for name in ("digits", "letters"):
+        reply = _infer(client, [1.0] * 64, [1, 64], path=f"/v2/models/{name}/versions/int8/infer")
+        assert reply.status_code == 200 and reply.json()["model_name"] == name
+    assert client.get("/v2/models/letters").json()["name"] == "letters"
+
+
 def test_error_statuses(client):
-    assert _infer(client, [0] * 64, [1, 64], path="/v2/models/other/infer").status_code == 404
+    reply = _infer(client, [0] * 64, [1, 64], path="/v2/models/other/infer")
+    assert reply.status_code == 404 and "other" in reply.json()["error"]
     assert _infer(client, [0] * 64, [1, 64], path="/v2/models/digits/versions/x/infer").status_code == 404
     assert _infer(client, [0] * 64, [64]).status_code == 400
     assert _infer(client, [0] * 64, [0, 64]).status_code == 400
     assert _infer(client, [True] * 64, [1, 64]).status_code == 400
+    assert _infer(client, [[0] * 60, [0] * 4], [1, 64]).status_code == 400  # ragged
+    assert _infer(client, [None] * 64, [1, 64]).status_code == 400
     assert _infer(client, [0] * 5000 * 64, [5000, 64]).json()["error"].startswith("batch of 5000 rows")
     reply = client.post("/v2/models/digits/infer", json={"inputs": "nope"})
     assert reply.status_code == 400 and "inputs" in reply.json()["error"]
@@ -50,11 +80,64 @@ def test_error_statuses(client):
     assert reply.status_code == 400
 
 
-def test_nan_is_rejected_not_a_500(client):
-    reply = client.post("/v2/models/digits/infer", content=b'{"inputs":[{"name":"input","shape":[1,64],'
-                        b'"datatype":"FP32","data":[' + b",".join([b"NaN"] * 64) + b"]}]}",
+@pytest.mark.parametrize("value", [b"NaN", b"1e39", b"-1e39", b"1" + b"0" * 400])
+def test_values_fp32_cannot_hold_are_400_not_500(client, value):
+    raw = b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[' + b",".join([value] * 64) + b"]}]}"
+    reply = client.post("/v2/models/digits/versions/fp32/infer", content=raw,
                         headers={"content-type": "application/json"})
-    assert reply.status_code == 400 and "finite" in reply.json()["error"]
+    assert reply.status_code == 400 and "finite numbers that fit FP32" in reply.json()["error"]
+    assert "'input'" in reply.json()["error"]
+
+
+def test_binary_tensor_extension_in_and_out(client, blob):
+    x = np.random.default_rng(1).uniform(0, 16, (3, 64)).astype(np.float32)
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes}}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": True}}, {"name": "probabilities"}],
+    }).encode()
+    reply = client.post("/v2/models/digits/infer", content=header + x.tobytes(),
+                        headers={"Inference-Header-Content-Length": str(len(header)),
+                                 "content-type": "application/octet-stream"})
+    assert reply.status_code == 200, reply.text
+    split = int(reply.headers["inference-header-content-length"])
+    body = json.loads(reply.content[:split])
+    label, probabilities = body["outputs"]
+    assert label["parameters"]["binary_data_size"] == 24 and "data" not in label
+    labels = np.frombuffer(reply.content[split:], dtype="<i8")
+    expected_labels, expected_probs = OnnxModel(blob).predict(x)
+    assert (labels == expected_labels).all()
+    assert np.allclose(probabilities["data"], expected_probs.ravel(), atol=1e-6)
+
+
+def test_binary_data_that_does_not_match_the_shape_is_400(client):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    reply = client.post("/v2/models/digits/infer", content=header + bytes(256),
+                        headers={"Inference-Header-Content-Length": str(len(header))})
+    assert reply.status_code == 400 and "binary_data_size" in reply.json()["error"]
+    reply = client.post("/v2/models/digits/infer", content=header, headers={"Inference-Header-Content-Length": "x"})
+    assert reply.status_code == 400 and "Inference-Header-Content-Length" in reply.json()["error"]
+
+
+def test_stats_count_requests_rows_and_failures(client):
+    before = client.get("/v2/models/letters/versions/fp32/stats").json()["model_stats"][0]
+    assert _infer(client, [2.0] * 128, [2, 64], path="/v2/models/letters/versions/fp32/infer").status_code == 200
+    assert _infer(client, [2.0] * 64, [2, 64], path="/v2/models/letters/versions/fp32/infer").status_code == 400
+    after = client.get("/v2/models/letters/versions/fp32/stats").json()
+    assert after["replica"] == "r1"
+    entry = after["model_stats"][0]
+    assert entry["inference_count"] - before["inference_count"] == 2
+    assert entry["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
+    assert entry["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert entry["execution_count"] >= 1
+    every = client.get("/v2/models/stats").json()["model_stats"]
+    assert {(s["name"], s["version"]) for s in every} == {(m, v) for m in ("digits", "letters") for v in ("fp32", "int8")}
+    assert client.get("/v2/models/nope/stats").status_code == 404
+
+
+def test_server_metadata_lists_the_extensions(client):
+    assert set(client.get("/v2").json()["extensions"]) >= {"binary_tensor_data", "statistics"}
 
 
 def test_openapi_documents_the_infer_body(client):
@@ -62,3 +145,4 @@ def test_openapi_documents_the_infer_body(client):
     body = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/InferenceRequest"
     assert "RequestInput" in spec["components"]["schemas"]
+    assert "/v2/models/{model}/versions/{version}/stats" in spec["paths"]

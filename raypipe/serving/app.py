@@ -1,104 +1,140 @@
-"""The Ray Serve application: a FastAPI ingress in front of one autoscaling deployment per variant.
+"""The Ray Serve application: one autoscaling ingress deployment that runs the models itself.
 
-`build_app(args)` is the typed builder that `raypipe serve`, `serve run raypipe.serving.app:build_app run=URI`
-and the files in serve/ all use. Models load in each replica's `__init__`; Serve balances requests
-across replicas (power of two choices) and scales them between serve.min_replicas and max_replicas.
+`build_app(args)` is the typed builder behind `raypipe serve`, `serve run raypipe.serving.app:build_app`
+and the files in serve/. Each replica runs the V2 FastAPI app and calls the model in-process (one hop: no
+second deployment per request). Models load lazily, on the replicas that get their traffic, through
+Serve's model multiplexing (an LRU of `serve.max_models_per_replica` per replica), so many small models
+share a few replicas. `@serve.batch` with no wait joins requests that are already queued into one model
+call, so batches form only under load. With the HAProxy ingress (`serve.proxy: haproxy`, set up by the CLI
+before Ray starts) each replica serves HTTP on its own port and HAProxy balances across them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
-from raypipe.config import ConfigError, S3Config, ServeConfig
+from raypipe.config import ServeConfig
 from raypipe.predict import OnnxModel
-from raypipe.serving.rest import Catalog, make_app
-from raypipe.storage import RunPaths, sha256_bytes
+from raypipe.serving.catalog import Catalog, open_sources, read_model
+from raypipe.serving.rest import Stats, make_app
+
+# What `serve.proxy` turns on. Ray reads these once, at import, in every Ray process: they must be in the
+# environment before the head (or the embedded Ray) starts.
+PROXY_ENV = {
+    "haproxy": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",           # HAProxy on the HTTP port, balancing replicas' own servers
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",      # user code on the replica's loop, buffered logs, frozen GC
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",   # no per-request log datagram parsed in Python
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",  # default 30 s, sized for remote HAProxies
+    },
+    "default": {},
+}
 
 
 class ServeArgs(BaseModel):
-    """Arguments of the application builder."""
+    """Arguments of the application builder (the `args` of a serve/*.yaml application)."""
 
-    run: str = Field(description="The run to serve: a local folder or s3:// URI printed by `raypipe run`.")
-    s3: S3Config = Field(default_factory=S3Config, description="S3 settings when the run is on s3://.")
-    scaling: ServeConfig | None = Field(None, description="Replica settings; default: the run's serve config.")
+    model_config = ConfigDict(extra="forbid")
 
-
-@serve.deployment
-class ModelReplica:
-    """One variant's ONNX Runtime session."""
-
-    def __init__(self, run: str, s3: S3Config, variant: str, sha256: str):
-        paths = RunPaths.open(run, s3)
-        blob = paths.read_bytes(f"models/{variant}/model.onnx")
-        if sha256_bytes(blob) != sha256:
-            raise RuntimeError(f"models/{variant}/model.onnx does not match its recorded sha256")
-        self.model = OnnxModel(blob)
-
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.predict(x)
-
-    def ready(self) -> bool:
-        return True
+    sources: list[str] = Field(min_length=1, description="Sealed runs or bundles to serve (local paths or "
+                                                         "s3:// URIs); each model under its config `name`.")
+    variants: list[str] | None = Field(None, description="Serve only these variants (e.g. [int8]); "
+                                                         "default: every accepted one.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Replicas, batching and placement.")
 
 
-@serve.deployment
+@serve.deployment(logging_config={"enable_access_log": False})
 @serve.ingress()
-class Ingress:
-    """The HTTP entry point: routes V2 requests to the variant's replicas."""
+class InferenceServer:
+    """The HTTP entry point and the models, in one replica."""
 
-    def __init__(self, catalog: Catalog, replicas: dict[str, DeploymentHandle]):
+    def __init__(self, catalog: Catalog, max_batch_size: int, batch_wait_s: float, max_models: int):
         self.catalog = catalog
-        self.replicas = replicas
+        self.stats = Stats()
+        self._predict.set_max_batch_size(max_batch_size)
+        self._predict.set_batch_wait_timeout_s(batch_wait_s)
+
+        async def load(key: str) -> OnnxModel:
+            model, version = key.split("/", 1)
+            blob = await asyncio.to_thread(read_model, catalog.models[model].versions[version])
+            return await asyncio.to_thread(OnnxModel, blob)
+
+        # Serve's model multiplexing: loads on first use, evicts the least recently used.
+        self._model = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+        self._app = make_app(self, serve.get_replica_context().replica_id.unique_id)
 
     def __serve_build_asgi_app__(self):
-        return make_app(self)
+        return self._app
 
-    async def infer(self, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return await self.replicas[version].predict.remote(x)
+    async def infer(self, model: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return await self._predict((f"{model}/{version}", x))
 
-    async def version_ready(self, version: str) -> bool:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _predict(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One model call per model in the batch; requests keep their order."""
+        results: list = [None] * len(requests)
+        for key in dict.fromkeys(key for key, _ in requests):
+            indexes = [i for i, (k, _) in enumerate(requests) if k == key]
+            model = await self._model(key)
+            start = time.perf_counter_ns()
+            # In a thread: ONNX Runtime releases the GIL, so the loop keeps reading requests meanwhile.
+            labels, probabilities = await asyncio.to_thread(
+                model.predict, np.concatenate([requests[i][1] for i in indexes]))
+            self.stats.execution(*key.split("/", 1), time.perf_counter_ns() - start)
+            offset = 0
+            for i in indexes:
+                rows = len(requests[i][1])
+                results[i] = (labels[offset:offset + rows], probabilities[offset:offset + rows])
+                offset += rows
+        return results
+
+    async def version_ready(self, model: str, version: str) -> bool:
         try:
-            return await asyncio.wait_for(self.replicas[version].ready.remote(), timeout=2)
+            await self._model(f"{model}/{version}")
+            return True
         except Exception:
             return False
 
 
-def open_verified(run: str, s3: S3Config | None = None) -> RunPaths:
-    """The run, if its MANIFEST.json exists and matches its files; ConfigError otherwise."""
-    paths = RunPaths.open(run, s3)
-    problems = paths.verify()
-    if problems:
-        raise ConfigError(f"{run}: refusing to serve: {problems[0]}" +
-                          (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return paths
-
-
 def build_app(args: ServeArgs | dict) -> Application:
-    """The application serving every accepted variant of a sealed run.
+    """The application serving every chosen variant of the sources.
 
-    `serve run`/`serve deploy` pass the config file's `args` as a dict; it is validated here."""
+    `serve run`/`serve deploy` pass the config file's `args` as a dict; it is validated here, and the
+    sources are verified here, once, before any replica starts. S3 settings reach the replicas through
+    their own environment (AWS_* variables), never through these arguments, which Ray shows to anyone
+    who can read the deployed config."""
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
-    paths = open_verified(args.run, args.s3)
-    catalog = Catalog.from_run(paths)
-    scaling = args.scaling or ServeConfig.model_validate(paths.read_json("report.json")["config"]["serve"])
-    autoscaling = {
-        "min_replicas": scaling.min_replicas,
-        "max_replicas": scaling.max_replicas,
-        "initial_replicas": scaling.min_replicas,
-        "target_ongoing_requests": scaling.target_ongoing_requests,
-    }
-    replicas = {
-        version: ModelReplica.options(
-            name=f"{catalog.name}-{version}",
-            autoscaling_config=autoscaling,
-            ray_actor_options={"num_cpus": scaling.cpus_per_replica},
-        ).bind(paths.uri, args.s3, version, meta["sha256"])
-        for version, meta in catalog.versions.items()
-    }
-    return Ingress.options(ray_actor_options={"num_cpus": scaling.cpus_per_replica}).bind(catalog, replicas)
+    catalog = open_sources(args.sources, args.variants)
+    cfg = args.serve
+    resources = {cfg.node_resource: 0.01} if cfg.node_resource else {}
+    actor_options = {"num_cpus": cfg.cpus_per_replica, "resources": resources}
+    if cfg.memory_mb:
+        actor_options["memory"] = cfg.memory_mb * 2**20
+    return InferenceServer.options(
+        name="raypipe",
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": cfg.min_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        },
+        ray_actor_options=actor_options,
+        health_check_period_s=2,
+    ).bind(catalog, cfg.max_batch_size, cfg.batch_wait_ms / 1000, cfg.max_models_per_replica)
+
+
+def proxy_env(proxy: str) -> dict[str, str]:
+    """The environment `serve.proxy` needs, less what the user set already."""
+    return {k: v for k, v in PROXY_ENV[proxy].items() if k not in os.environ}

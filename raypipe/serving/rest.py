@@ -1,31 +1,39 @@
-"""The REST API: the Open Inference Protocol (KServe V2) over HTTP, as one FastAPI app.
+"""The REST API: the Open Inference Protocol (KServe V2) over HTTP, as one FastAPI app over any backend.
 
-`make_app(backend)` builds the routes over any backend that can predict by version: Ray Serve's ingress
-(raypipe.serving.app) passes itself, with model replicas behind it; the edge server passes a local model.
-Every error is JSON `{"error": ...}` with the exact status; nothing a client sends yields a 500.
+`make_app(backend)` builds the routes; a backend predicts by (model, version). Ray Serve's ingress replica
+(raypipe.serving.app) and the Ray-free edge server (raypipe.serving.edge) both pass themselves. Every
+error is JSON `{"error": ...}` with the exact status; nothing a client sends yields a 500. Inputs come as
+JSON tensors or, with the binary tensor data extension (as Triton's clients send it), as raw bytes after
+the JSON header.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import os
+import re
+import threading
+import time
+from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from raypipe.storage import RunPaths
+from raypipe.serving.catalog import Catalog, ModelSpec
 
 log = logging.getLogger("raypipe")
 
 MAX_BATCH = 4096
 INPUT_NAME = "input"
 OUTPUTS = ("label", "probabilities")
+HEADER_LENGTH = "inference-header-content-length"
+REPLICA_HEADER = "raypipe-replica"
+EXTENSIONS = ["binary_tensor_data", "statistics"]
+_OUTPUT_TYPES = {"label": ("INT64", "<i8"), "probabilities": ("FP32", "<f4")}
 
 
 # ---- the protocol's request body --------------------------------------------------------------------
@@ -34,76 +42,24 @@ class RequestInput(BaseModel):
     name: str = Field(description="Input tensor name, as the model metadata declares it.")
     shape: list[int] = Field(description="Tensor shape, e.g. [N, 64].")
     datatype: str = Field(description="Tensor datatype, e.g. FP32.")
-    parameters: dict[str, Any] | None = Field(None, description="Optional per-input parameters.")
-    data: list[Any] = Field(description="Tensor values, flat or nested in row-major order.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="Optional; `binary_data_size` says the values follow the JSON header as raw bytes.")
+    data: list[Any] | None = Field(
+        None, description="Tensor values, flat or nested in row-major order (absent for binary data).")
 
 
 class RequestOutput(BaseModel):
     name: str = Field(description="Output tensor to return: label or probabilities.")
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="Optional; `binary_data: true` returns this output as raw bytes.")
 
 
 class InferenceRequest(BaseModel):
     id: str | None = Field(None, description="Echoed in the response.")
-    parameters: dict[str, Any] | None = Field(None, description="Optional request parameters.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="Optional; `binary_data_output: true` returns every output as raw bytes.")
     inputs: list[RequestInput] = Field(min_length=1, description="Exactly one input tensor.")
     outputs: list[RequestOutput] | None = Field(None, description="Outputs to return (default: all).")
-
-
-# ---- what is served ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Catalog:
-    """A run's servable models: accepted variants only, one version each."""
-
-    name: str
-    promoted: str
-    features: int
-    classes: int
-    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def from_run(cls, paths: RunPaths) -> Catalog:
-        report = paths.read_json("report.json")
-        stats = paths.read_json("data/stats.json")
-        versions = {v["name"]: v for v in report["variants"] if v["accepted"]}
-        return cls(report["config"]["name"], report["promoted"], stats["features"], stats["num_classes"], versions)
-
-    def metadata(self, version: str) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "versions": list(self.versions),
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, self.features]}],
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, self.classes]},
-            ],
-            "parameters": {"version": version, "promoted": self.promoted,
-                           "test_accuracy": self.versions[version]["test_accuracy"]},
-        }
-
-
-class Backend(Protocol):
-    catalog: Catalog
-
-    async def infer(self, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    async def version_ready(self, version: str) -> bool: ...
-
-
-class LocalBackend:
-    """Models in this process: for the edge server and for tests of the routes."""
-
-    def __init__(self, catalog: Catalog, models: dict[str, Any]):
-        self.catalog = catalog
-        self.models = models
-
-    async def infer(self, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.models[version].predict(x)
-
-    async def version_ready(self, version: str) -> bool:
-        return version in self.models
 
 
 class BadRequest(HTTPException):
@@ -111,21 +67,25 @@ class BadRequest(HTTPException):
         super().__init__(status_code=400, detail=message)
 
 
-def _flatten(data: list[Any]) -> list[Any]:
-    flat: list[Any] = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
+def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+    """The JSON part of a request and the binary tail that follows it (empty without the extension)."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+            assert 0 < split <= len(body)
+        except (ValueError, AssertionError):
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a length within "
+                             f"the body ({len(body)} bytes)") from None
+        body, tail = body[:split], body[split:]
+    else:
+        tail = b""
+    try:
+        return InferenceRequest.model_validate_json(body), tail
+    except ValidationError as err:
+        raise BadRequest(_first_error(err.errors())) from None
 
 
-def decode(request: InferenceRequest, features: int) -> np.ndarray:
+def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
     """The request's input as float32 [N, features], or BadRequest saying what is wrong."""
     if len(request.inputs) != 1:
         raise BadRequest(f"expected exactly one input tensor named {INPUT_NAME!r}, got {len(request.inputs)}")
@@ -138,33 +98,131 @@ def decode(request: InferenceRequest, features: int) -> np.ndarray:
         raise BadRequest(f"input {INPUT_NAME!r} has shape {tensor.shape}; expected [N, {features}] with N >= 1")
     if tensor.shape[0] > MAX_BATCH:
         raise BadRequest(f"batch of {tensor.shape[0]} rows exceeds the limit of {MAX_BATCH}")
-    values = _flatten(tensor.data)
-    if len(values) != tensor.shape[0] * features:
-        raise BadRequest(f"input {INPUT_NAME!r} holds {len(values)} values; shape {tensor.shape} needs "
-                         f"{tensor.shape[0] * features}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers only")
-    return np.asarray(values, dtype=np.float32).reshape(tensor.shape)
+    count = tensor.shape[0] * features
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        if binary_size != len(tail) or len(tail) != 4 * count:
+            raise BadRequest(f"input {INPUT_NAME!r}: binary_data_size {binary_size!r} with {len(tail)} bytes "
+                             f"after the header; shape {tensor.shape} of FP32 needs {4 * count}")
+        values = np.frombuffer(tail, dtype="<f4").astype(np.float32)
+    else:
+        if tensor.data is None:
+            raise BadRequest(f"input {INPUT_NAME!r} has neither data nor parameters.binary_data_size")
+        values = _numbers(tensor.data)
+        if values.size != count:
+            raise BadRequest(f"input {INPUT_NAME!r} holds {values.size} values; shape {tensor.shape} needs {count}")
+    # Cast first, then check: a value float32 cannot hold (1e39) becomes inf and is refused here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers that fit FP32")
+    return values.reshape(tensor.shape)
 
 
-def encode(request: InferenceRequest, catalog: Catalog, version: str, labels: np.ndarray,
-           probabilities: np.ndarray) -> dict[str, Any]:
-    tensors = {
-        "label": {"name": "label", "datatype": "INT64", "shape": [len(labels)], "data": labels.tolist()},
-        "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
-                          "data": probabilities.ravel().tolist()},
-    }
-    wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
-    unknown = [name for name in wanted if name not in tensors]
-    if unknown:
-        raise BadRequest(f"unknown output {unknown[0]!r}: the model's outputs are {list(OUTPUTS)}")
-    body = {"model_name": catalog.name, "model_version": version, "outputs": [tensors[n] for n in wanted]}
+def _numbers(data: list[Any]) -> np.ndarray:
+    """JSON values as a flat float64 array; booleans, text, nulls and ragged nesting are refused."""
+    try:
+        array = np.array(data)
+    except (ValueError, OverflowError):  # ragged nesting
+        raise BadRequest(f"input {INPUT_NAME!r}: data must be numbers, flat or nested row-major") from None
+    if array.dtype.kind not in "iuf":
+        if array.dtype.kind == "O" and _all_numbers(data):  # integers too big for int64
+            return np.full(array.size, np.inf)
+        raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers that fit FP32")
+    return array.ravel()
+
+
+def _all_numbers(data: list[Any]) -> bool:
+    return all(_all_numbers(v) if isinstance(v, list) else
+               isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+
+
+def encode(request: InferenceRequest, model: str, version: str, labels: np.ndarray,
+           probabilities: np.ndarray) -> Response:
+    """The response: JSON, or a JSON header followed by raw bytes for outputs asked as binary."""
+    arrays = {"label": labels, "probabilities": probabilities}
+    wanted = request.outputs or [RequestOutput(name=name) for name in OUTPUTS]
+    all_binary = bool((request.parameters or {}).get("binary_data_output"))
+    outputs, blobs = [], []
+    for out in wanted:
+        if out.name not in arrays:
+            raise BadRequest(f"unknown output {out.name!r}: the model's outputs are {list(OUTPUTS)}")
+        array, (datatype, dtype) = arrays[out.name], _OUTPUT_TYPES[out.name]
+        tensor: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(array.shape)}
+        if all_binary or (out.parameters or {}).get("binary_data"):
+            blob = np.ascontiguousarray(array, dtype=dtype).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        outputs.append(tensor)
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.id is not None:
         body["id"] = request.id
-    return body
+    header = orjson.dumps(body)
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+class Stats:
+    """Triton-style counters per (model, version), for this process (one replica or edge worker)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_version: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _entry(self, model: str, version: str) -> dict[str, Any]:
+        return self._by_version.setdefault((model, version), {
+            "last_inference": 0, "inference_count": 0, "execution_count": 0,
+            "success": [0, 0], "fail": [0, 0], "compute_infer": [0, 0]})
+
+    def request(self, model: str, version: str, rows: int, ns: int, ok: bool) -> None:
+        with self._lock:
+            entry = self._entry(model, version)
+            entry["success" if ok else "fail"][0] += 1
+            entry["success" if ok else "fail"][1] += ns
+            if ok:
+                entry["inference_count"] += rows
+                entry["last_inference"] = int(time.time() * 1000)
+
+    def execution(self, model: str, version: str, ns: int) -> None:
+        """One model call (a batch of one or more requests)."""
+        with self._lock:
+            entry = self._entry(model, version)
+            entry["execution_count"] += 1
+            entry["compute_infer"][0] += 1
+            entry["compute_infer"][1] += ns
+
+    def report(self, versions: list[tuple[str, str]], replica: str) -> dict[str, Any]:
+        with self._lock:
+            stats = []
+            for model, version in versions:
+                entry = self._entry(model, version)
+                stats.append({
+                    "name": model, "version": version, "last_inference": entry["last_inference"],
+                    "inference_count": entry["inference_count"], "execution_count": entry["execution_count"],
+                    "inference_stats": {key: {"count": entry[key][0], "ns": entry[key][1]}
+                                        for key in ("success", "fail", "compute_infer")},
+                })
+        return {"replica": replica, "model_stats": stats}
 
 
 # ---- the app ---------------------------------------------------------------------------------------
+
+class Backend(Protocol):
+    """What the routes need: the catalog, predictions by (model, version), readiness, counters."""
+
+    catalog: Catalog
+    stats: Stats
+
+    async def infer(self, model: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    async def version_ready(self, model: str, version: str) -> bool: ...
+
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -187,14 +245,43 @@ def _openapi_with_body(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def make_app(backend: Backend) -> FastAPI:
-    app = FastAPI(
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
+class V2App(FastAPI):
+    """FastAPI for the docs and every route but one: `infer`, the hot route, is answered here at the ASGI
+    level, without FastAPI's middleware, routing and parameter solving, which cost more CPU than a small
+    model does. It is still a FastAPI app, so Ray Serve's ingress takes it as one."""
+
+    answer_infer: Callable[[str, str | None, bytes, str | None], Awaitable[Response]]
+
+    async def __call__(self, scope, receive, send) -> None:
+        match = scope["type"] == "http" and scope["method"] == "POST" and _INFER_PATH.match(scope["path"])
+        if not match:
+            return await super().__call__(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        header_length = next((v.decode() for k, v in scope["headers"] if k == HEADER_LENGTH.encode()), None)
+        response = await self.answer_infer(match[1], match[2], b"".join(chunks), header_length)
+        await response(scope, receive, send)
+
+
+def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
+    """The V2 routes over `backend`; `replica` names this process in a `raypipe-replica` header."""
+    app = V2App(
         title="raypipe inference",
-        description="The Open Inference Protocol (KServe V2) over REST. Inputs are raw values; "
-                    "standardization happens server-side.",
+        description="The Open Inference Protocol (KServe V2) over REST, with the binary tensor data and "
+                    "statistics extensions. Inputs are raw values; standardization happens server-side.",
         version="2",
     )
-    catalog = backend.catalog
+    catalog, stats = backend.catalog, backend.stats
+    replica = replica or f"pid-{os.getpid()}"
+    replica_header = {REPLICA_HEADER: replica}
     infer_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 
@@ -211,54 +298,86 @@ def make_app(backend: Backend) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal error")
 
-    def version_of(model: str, version: str | None) -> str:
-        if model != catalog.name:
-            raise HTTPException(404, f"unknown model {model!r}; this server has {catalog.name!r}")
-        version = version or catalog.promoted
-        if version not in catalog.versions:
-            raise HTTPException(404, f"unknown version {version!r} of {model!r}; served: {list(catalog.versions)}")
-        return version
+    def spec_of(model: str, version: str | None) -> tuple[ModelSpec, str]:
+        spec = catalog.models.get(model)
+        if spec is None:
+            raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(catalog.models)}")
+        version = version or spec.promoted
+        if version not in spec.versions:
+            raise HTTPException(404, f"unknown version {version!r} of {model!r}; served: {list(spec.versions)}")
+        return spec, version
+
+    async def answer_infer(model: str, version: str | None, raw: bytes, header_length: str | None) -> Response:
+        """An infer request's response, errors included (never raises)."""
+        start, rows = time.perf_counter_ns(), 0
+        try:
+            spec, version = spec_of(model, version)
+        except HTTPException as err:
+            return _error(err.status_code, str(err.detail))
+        try:
+            body, tail = parse(raw, header_length)
+            x = decode(body, tail, spec.features)
+            rows = len(x)
+            labels, probabilities = await backend.infer(model, version, x)
+            response = encode(body, model, version, labels, probabilities)
+        except HTTPException as err:
+            stats.request(model, version, rows, time.perf_counter_ns() - start, ok=False)
+            return _error(err.status_code, str(err.detail))
+        except Exception:
+            stats.request(model, version, rows, time.perf_counter_ns() - start, ok=False)
+            log.exception("unexpected error serving %s/%s", model, version)
+            return _error(500, "internal error")
+        stats.request(model, version, rows, time.perf_counter_ns() - start, ok=True)
+        response.headers.update(replica_header)
+        return response
+
+    app.answer_infer = answer_infer
+
+    # Documents the route and answers it when V2App's fast path is bypassed (it never is over HTTP).
+    @app.post("/v2/models/{model}/infer", summary="Infer (promoted version)", openapi_extra=infer_body)
+    @app.post("/v2/models/{model}/versions/{version}/infer", summary="Infer", openapi_extra=infer_body)
+    async def infer(model: str, request: Request, version: str | None = None):
+        return await answer_infer(model, version, await request.body(), request.headers.get(HEADER_LENGTH))
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Readiness: every served version loaded")
+    @app.get("/v2/health/ready", summary="Readiness: the server is up and its catalog verified")
     async def ready():
-        states = await asyncio.gather(*(backend.version_ready(v) for v in catalog.versions))
-        waiting = [v for v, ok in zip(catalog.versions, states) if not ok]
-        if waiting:
-            raise HTTPException(503, f"not ready: {waiting}")
         return {"ready": True}
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
-        return {"name": "raypipe", "version": _version(), "extensions": []}
+        return {"name": "raypipe", "version": _version(), "extensions": EXTENSIONS}
+
+    # Before /v2/models/{model}, which would take "stats" for a model name.
+    @app.get("/v2/models/stats", summary="Statistics of every served version, in this replica")
+    @app.get("/v2/models/{model}/stats", summary="Statistics of a model's versions, in this replica")
+    @app.get("/v2/models/{model}/versions/{version}/stats", summary="Statistics of one version, in this replica")
+    async def model_stats(model: str | None = None, version: str | None = None):
+        if model is None:
+            versions = [(m, v) for m, spec in catalog.models.items() for v in spec.versions]
+        elif version is None:
+            spec, _ = spec_of(model, None)
+            versions = [(model, v) for v in spec.versions]
+        else:
+            versions = [(model, spec_of(model, version)[1])]
+        return stats.report(versions, replica)
 
     @app.get("/v2/models/{model}", summary="Model metadata (promoted version)")
     @app.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
     async def model_metadata(model: str, version: str | None = None):
-        return catalog.metadata(version_of(model, version))
+        spec, version = spec_of(model, version)
+        return spec.metadata(version)
 
-    @app.get("/v2/models/{model}/ready", summary="Model readiness (promoted version)")
-    @app.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness")
+    @app.get("/v2/models/{model}/ready", summary="Model readiness (promoted version); loads it if needed")
+    @app.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness; loads it if needed")
     async def model_ready(model: str, version: str | None = None):
-        version = version_of(model, version)
-        if not await backend.version_ready(version):
-            raise HTTPException(503, f"version {version!r} is not ready")
-        return {"name": model, "ready": True}
-
-    @app.post("/v2/models/{model}/infer", summary="Infer (promoted version)", openapi_extra=infer_body)
-    @app.post("/v2/models/{model}/versions/{version}/infer", summary="Infer", openapi_extra=infer_body)
-    async def infer(model: str, request: Request, version: str | None = None):
-        version = version_of(model, version)
-        try:
-            body = InferenceRequest.model_validate_json(await request.body())
-        except ValidationError as err:
-            raise BadRequest(_first_error(err.errors())) from None
-        x = decode(body, catalog.features)
-        labels, probabilities = await backend.infer(version, x)
-        return encode(body, catalog, version, labels, probabilities)
+        spec, version = spec_of(model, version)
+        if not await backend.version_ready(model, version):
+            raise HTTPException(503, f"version {version!r} of {model!r} is not ready")
+        return {"name": model, "version": version, "ready": True}
 
     _openapi_with_body(app)
     return app

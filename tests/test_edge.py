@@ -1,0 +1,129 @@
+"""Bundles and the Ray-free edge server: `raypipe export`, `raypipe edge`, pulls from disk and S3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import s3fs
+
+from raypipe.predict import OnnxModel
+from raypipe.serving import bundle, edge
+from raypipe.serving.catalog import open_sources
+from tests.conftest import REPO, free_port, raypipe
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, tmp_path_factory):
+    target = tmp_path_factory.mktemp("bundles") / "digits-v1"
+    done = raypipe("export", smoke_run.uri, "--to", str(target), "--variants", "fp32,int8", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digest, uri = done.stdout.strip().splitlines()[-2:]
+    return target, digest
+
+
+def test_a_bundle_is_a_triton_model_repository_with_a_digest(exported, smoke_run):
+    target, digest = exported
+    manifest = json.loads((target / "bundle.json").read_text())
+    assert digest == bundle.bundle_digest((target / "bundle.json").read_bytes())
+    versions = manifest["models"]["digits"]["versions"]
+    assert {v: e["file"] for v, e in versions.items()} == {"fp32": "digits/1/model.onnx", "int8": "digits/2/model.onnx"}
+    assert manifest["models"]["digits"]["promoted"] == smoke_run.report()["promoted"]
+    for rel, entry in manifest["files"].items():
+        assert bundle.sha256_bytes((target / rel).read_bytes()) == entry["sha256"]
+    config = (target / "digits/config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "dims: [ 64 ]" in config and "version_policy: { all: {} }" in config
+    # The files are the run's own artifacts, byte for byte.
+    assert (target / "digits/2/model.onnx").read_bytes() == (smoke_run.path / "models/int8/model.onnx").read_bytes()
+
+
+def test_export_refuses_a_destination_that_holds_files(exported, smoke_run):
+    target, _ = exported
+    done = raypipe("export", smoke_run.uri, "--to", str(target), timeout=120)
+    assert done.returncode == 2 and "already holds files" in done.stderr
+
+
+def test_a_tampered_bundle_is_refused_naming_the_file(exported, tmp_path):
+    target, digest = exported
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(target), str(copy)], check=True)
+    with (copy / "digits/2/model.onnx").open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    done = raypipe("edge", str(copy), "--port", str(free_port()), "--cache", str(tmp_path / "cache"), timeout=60)
+    assert done.returncode == 2 and "digits/2/model.onnx: sha256 does not match bundle.json" in done.stderr
+    wrong = "sha256:" + "0" * 64
+    done = raypipe("edge", str(target), "--digest", wrong, "--cache", str(tmp_path / "cache"), timeout=60)
+    assert done.returncode == 2 and f"is not the expected {wrong}" in done.stderr
+    assert not (tmp_path / "cache" / digest.removeprefix("sha256:")).exists()
+
+
+def test_edge_serves_the_bundle_with_two_workers_and_no_ray_or_torch(exported, smoke_run, tmp_path):
+    target, digest = exported
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raypipe", "edge", str(target), "--port", str(port), "--workers", "2",
+         "--digest", digest, "--cache", str(tmp_path / "cache")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "edge server not up in 60 s"
+            try:
+                if requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        x = np.random.default_rng(0).uniform(0, 16, (5, 64)).astype(np.float32)
+        body = {"inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32", "data": x.tolist()}]}
+        reply = requests.post(f"{base}/v2/models/digits/versions/int8/infer", json=body, timeout=10)
+        assert reply.status_code == 200, reply.text
+        expected = OnnxModel((target / "digits/2/model.onnx").read_bytes()).predict(x)
+        assert reply.json()["outputs"][0]["data"] == expected[0].tolist()
+        assert requests.get(f"{base}/v2/models/cats", timeout=5).status_code == 404
+        workers = [p for p in psutil.Process(process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        assert reply.headers["raypipe-replica"] in {f"pid-{p.pid}" for p in workers}
+        assert (tmp_path / "cache" / digest.removeprefix("sha256:") / "bundle.json").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=40)
+    assert process.returncode == 0
+
+
+def test_the_edge_app_imports_neither_ray_nor_torch(exported):
+    target, _ = exported
+    code = ("import sys; from raypipe.serving import edge; edge.create_app(); import raypipe.cli; "
+            "print(sorted(m for m in ('ray', 'torch', 'pyarrow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, edge.SOURCE_ENV: str(target), edge.VARIANTS_ENV: ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_pull_from_s3_verifies_and_caches_by_digest(exported, smoke_run, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "edge-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "edge-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="edge-test", secret="edge-test-secret")
+    fs.mkdir("edge-bundles")
+    digest = bundle.export([smoke_run.uri], "s3://edge-bundles/digits-v1")
+    assert fs.exists("edge-bundles/digits-v1/bundle.json") and fs.exists("edge-bundles/digits-v1/digits/config.pbtxt")
+
+    local = bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest)
+    assert local == tmp_path / digest.removeprefix("sha256:")
+    catalog = open_sources([str(local)])
+    assert list(catalog.models["digits"].versions) == [smoke_run.report()["promoted"]]
+    # A second node start finds the copy by digest and fetches nothing: the objects may even be gone.
+    fs.rm("edge-bundles/digits-v1/digits", recursive=True)
+    assert bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest) == local
