@@ -69,6 +69,10 @@ class StagedRun:
     history_after_train: list[dict]
     checkpoint_after_train: dict
 
+    @property
+    def path(self) -> Path:
+        return Path(self.uri)
+
 
 @pytest.fixture(scope="session")
 def staged_run(tmp_path_factory) -> StagedRun:

@@ -1,12 +1,21 @@
-"""`raypipe serve RUN`: real Ray Serve replicas behind real HTTP on loopback, the V2 protocol."""
+"""`raypipe serve` on the HAProxy fast path: real Serve replicas behind real HTTP on loopback.
 
+One server for the module serves two runs (the smoke run, through its bundle, and the staged CNN run).
+The tests go in order: the protocol, balance, autoscaling up and down, a replica SIGKILLed under load,
+and last, Ctrl-C draining requests in flight.
+"""
+
+import collections
+import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import requests
@@ -14,26 +23,54 @@ import requests
 from raypipe.predict import OnnxModel
 from tests.conftest import REPO, free_port, raypipe
 
+SCALING = ["--set", "serve.min_replicas=2", "--set", "serve.max_replicas=3", "--set", "serve.target_ongoing_requests=2",
+           "--set", "serve.upscale_delay_s=1", "--set", "serve.downscale_delay_s=4"]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, base: str):
+        self.process, self.base = process, base
+
+    def replicas(self) -> dict[int, psutil.Process]:
+        """The Serve replica processes under this server (the embedded Ray is its child)."""
+        found = {}
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "ServeReplica:raypipe" in " ".join(child.cmdline()):
+                    found[child.pid] = child
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
 
 @pytest.fixture(scope="module")
-def server(smoke_run):
+def bundle(smoke_run, tmp_path_factory):
+    target = tmp_path_factory.mktemp("serve-bundle") / "digits"
+    done = raypipe("export", smoke_run.uri, "--to", str(target), "--variants", "fp32,int8", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(bundle, staged_run):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "raypipe", "serve", smoke_run.uri, "--port", str(port)],
+        [sys.executable, "-m", "raypipe", "serve", str(bundle), staged_run.uri, "--port", str(port), *SCALING],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(process, base)
-        yield base
+        yield Server(process, base)
     finally:
-        process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
-            _, stderr = process.communicate(timeout=60)
+            _, stderr = process.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-            pytest.fail("raypipe serve did not stop within 60 s of Ctrl-C")
+            pytest.fail("raypipe serve did not stop within 90 s of Ctrl-C")
     assert process.returncode == 0, stderr[-3000:]
 
 
@@ -61,43 +98,106 @@ def _body(x, **extra):
             **extra}
 
 
+class Load:
+    """A bounded loopback load: `concurrency` threads, each posting one row at a time, until stopped or
+    `seconds` pass. Records (time, status, replica) for every answer and every connection error."""
+
+    def __init__(self, base: str, concurrency: int, seconds: float, path="/v2/models/digits/infer"):
+        self.url, self.deadline = base + path, time.monotonic() + seconds
+        self.stop, self.lock, self.answers = threading.Event(), threading.Lock(), []
+        self.body = _body(np.full((1, 64), 3.0, dtype=np.float32))
+        self.threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
+
+    def _worker(self):
+        with requests.Session() as session:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                try:
+                    reply = session.post(self.url, json=self.body, timeout=30)
+                    answer = (time.monotonic(), reply.status_code, reply.headers.get("raypipe-replica"))
+                except requests.RequestException:
+                    answer = (time.monotonic(), None, None)
+                with self.lock:
+                    self.answers.append(answer)
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def statuses(self, since: float = 0.0) -> collections.Counter:
+        return collections.Counter(s for t, s, _ in self.answers if t >= since)
+
+
+def _wait_for(condition, seconds: float, step: float = 0.5) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(step)
+    return float("inf")
+
+
 def test_health_and_metadata(server):
-    assert requests.get(f"{server}/v2/health/live").status_code == 200
-    assert requests.get(f"{server}/v2/health/ready").status_code == 200
-    meta = requests.get(f"{server}/v2").json()
-    assert meta["name"] == "raypipe" and "version" in meta and "extensions" in meta
-    model = requests.get(f"{server}/v2/models/digits").json()
+    base = server.base
+    assert requests.get(f"{base}/v2/health/live").status_code == 200
+    assert requests.get(f"{base}/v2/health/ready").status_code == 200
+    meta = requests.get(f"{base}/v2").json()
+    assert meta["name"] == "raypipe" and "binary_tensor_data" in meta["extensions"]
+    model = requests.get(f"{base}/v2/models/digits").json()
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert {o["name"] for o in model["outputs"]} == {"label", "probabilities"}
-    assert requests.get(f"{server}/v2/models/digits/versions/fp32/ready").status_code == 200
-    assert requests.get(f"{server}/v2/models/digits/ready").status_code == 200
-    assert "/v2/models/{model}/infer" in requests.get(f"{server}/openapi.json").json()["paths"]
-    assert requests.get(f"{server}/docs").status_code == 200
+    assert requests.get(f"{base}/v2/models/digits/versions/fp32/ready").status_code == 200
+    assert requests.get(f"{base}/v2/models/digits-cnn/ready").status_code == 200
+    assert "/v2/models/{model}/infer" in requests.get(f"{base}/openapi.json").json()["paths"]
+    assert requests.get(f"{base}/docs").status_code == 200
 
 
-def test_infer_answers_known_digits(server, smoke_run):
-    x, labels = _test_rows(smoke_run.path)
-    report = smoke_run.report()
-    reply = requests.post(f"{server}/v2/models/digits/infer", json=_body(x, id="req-1"))
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["model_name"] == "digits" and body["model_version"] == report["promoted"] and body["id"] == "req-1"
-    outputs = {o["name"]: o for o in body["outputs"]}
-    predicted = np.array(outputs["label"]["data"])
-    assert outputs["label"]["datatype"] == "INT64" and outputs["label"]["shape"] == [len(x)]
-    assert outputs["probabilities"]["shape"] == [len(x), 10]
-    # The server returns exactly what the stored artifact computes on raw pixels ...
-    local = OnnxModel((smoke_run.path / f"models/{report['promoted']}/model.onnx").read_bytes())
-    assert (predicted == local.predict(x)[0]).all()
-    # ... and that is mostly right on digits it never saw (a 4-epoch smoke model).
-    assert (predicted == labels).mean() >= 0.6
+def test_two_runs_each_answer_under_their_name(server, smoke_run, staged_run):
+    # Floors: the 4-epoch MLP smoke model, and the 5-epoch CNN trained on the same 500 rows.
+    for run, name, floor in ((smoke_run.path, "digits", 0.6), (staged_run.path, "digits-cnn", 0.3)):
+        report = json.loads((run / "report.json").read_text())
+        x, labels = _test_rows(run)
+        reply = requests.post(f"{server.base}/v2/models/{name}/infer", json=_body(x, id=f"req-{name}"))
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model_name"] == name and body["model_version"] == report["promoted"] and body["id"] == f"req-{name}"
+        outputs = {o["name"]: o for o in body["outputs"]}
+        predicted = np.array(outputs["label"]["data"])
+        assert outputs["label"]["datatype"] == "INT64" and outputs["probabilities"]["shape"] == [len(x), 10]
+        # Exactly what the stored artifact computes on raw pixels, and mostly right on unseen digits.
+        local = OnnxModel((run / f"models/{report['promoted']}/model.onnx").read_bytes())
+        assert (predicted == local.predict(x)[0]).all()
+        assert (predicted == labels).mean() >= floor
+
+
+def test_edge_and_serve_answer_identically_from_the_same_bundle(server, bundle, smoke_run, tmp_path):
+    port = free_port()
+    edge = subprocess.Popen([sys.executable, "-m", "raypipe", "edge", str(bundle), "--port", str(port),
+                             "--workers", "1", "--cache", str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(edge, f"http://127.0.0.1:{port}", seconds=60)
+        x, _ = _test_rows(smoke_run.path, n=25)
+        for version in ("fp32", "int8"):
+            path = f"/v2/models/digits/versions/{version}/infer"
+            answers = [requests.post(f"{base}{path}", json=_body(x)).json()["outputs"]
+                       for base in (server.base, f"http://127.0.0.1:{port}")]
+            assert answers[0] == answers[1]
+    finally:
+        edge.send_signal(signal.SIGINT)
+        edge.communicate(timeout=40)
 
 
 def test_infer_by_version_nested_data_and_selected_outputs(server, smoke_run):
     x, _ = _test_rows(smoke_run.path, n=3)
     body = {"id": "n", "parameters": {}, "outputs": [{"name": "label"}],
             "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32", "data": x.tolist(), "parameters": {}}]}
-    reply = requests.post(f"{server}/v2/models/digits/versions/fp32/infer", json=body)
+    reply = requests.post(f"{server.base}/v2/models/digits/versions/fp32/infer", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["model_version"] == "fp32"
     assert [o["name"] for o in reply.json()["outputs"]] == ["label"]
@@ -113,6 +213,7 @@ def test_infer_by_version_nested_data_and_selected_outputs(server, smoke_run):
         ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]}, "datatype"),
         ({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, "pixels"),
         ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["a"] * 64}]}, "numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1e39] * 64}]}, "fit FP32"),
         ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
           "outputs": [{"name": "logits"}]}, "logits"),
     ],
@@ -120,17 +221,80 @@ def test_infer_by_version_nested_data_and_selected_outputs(server, smoke_run):
 def test_bad_requests_get_400_with_a_json_error(server, payload, needle):
     kwargs = {"data": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) \
         else {"json": payload}
-    reply = requests.post(f"{server}/v2/models/digits/infer", **kwargs)
+    reply = requests.post(f"{server.base}/v2/models/digits/infer", **kwargs)
     assert reply.status_code == 400, reply.text
     assert needle in reply.json()["error"]
 
 
 def test_unknown_model_or_version_is_404_even_with_a_bad_body(server):
     for path in ("/v2/models/cats/infer", "/v2/models/digits/versions/fp8/infer"):
-        reply = requests.post(f"{server}{path}", data="{broken", headers={"content-type": "application/json"})
+        reply = requests.post(f"{server.base}{path}", data="{broken", headers={"content-type": "application/json"})
         assert reply.status_code == 404 and "unknown" in reply.json()["error"]
-    assert requests.get(f"{server}/v2/models/cats").status_code == 404
-    assert requests.get(f"{server}/v2/models/digits/versions/fp8/ready").status_code == 404
+    assert requests.get(f"{server.base}/v2/models/cats").status_code == 404
+    assert requests.get(f"{server.base}/v2/models/digits/versions/fp8/ready").status_code == 404
+
+
+def test_requests_spread_across_replicas(server):
+    assert _wait_for(lambda: len(server.replicas()) == 2, 30) < 30
+    with Load(server.base, concurrency=6, seconds=6) as load:
+        time.sleep(6)
+    per_replica = collections.Counter(r for _, s, r in load.answers if s == 200)
+    assert load.statuses() == {200: sum(per_replica.values())}, load.statuses()
+    assert len(per_replica) == 2, per_replica
+    assert min(per_replica.values()) >= 0.15 * sum(per_replica.values()), per_replica
+
+
+def test_replicas_scale_up_under_load_and_back_down_when_idle(server):
+    with Load(server.base, concurrency=12, seconds=60) as load:
+        up = _wait_for(lambda: len(server.replicas()) == 3, 45)
+    assert up < 45, f"still {len(server.replicas())} replicas under load"
+    assert set(load.statuses()) == {200}, load.statuses()
+    down = _wait_for(lambda: len(server.replicas()) == 2, 60)
+    assert down < 60, f"still {len(server.replicas())} replicas when idle"
+
+
+def test_a_replica_killed_under_load_costs_only_its_requests_in_flight(server):
+    assert _wait_for(lambda: len(server.replicas()) == 2, 30) < 30
+    with Load(server.base, concurrency=8, seconds=40) as load:
+        time.sleep(3)
+        before = {r for _, s, r in load.answers if s == 200}
+        victim = next(iter(server.replicas().values()))
+        killed_at = time.monotonic()
+        victim.kill()  # SIGKILL, by PID: a process of the Ray this test started
+        replaced = _wait_for(
+            lambda: any(t > killed_at and s == 200 and r not in before for t, s, r in list(load.answers)), 25)
+        time.sleep(2)
+    after = load.statuses(since=killed_at)
+    failed = sum(n for status, n in after.items() if status != 200)
+    assert failed <= 8, after  # at most the requests in flight on the killed replica
+    assert after[200] > 50, after  # the other replica kept answering
+    assert replaced <= 10, f"no replacement answered within 10 s of the kill ({replaced:.1f} s)"
+
+
+def test_ctrl_c_drains_requests_in_flight(server, smoke_run):
+    x = np.tile(_test_rows(smoke_run.path, n=40)[0], (100, 1))  # 4,000 rows: each request takes a while
+    results = []
+
+    finished = []
+
+    def send():
+        try:
+            results.append(requests.post(f"{server.base}/v2/models/digits/infer", json=_body(x), timeout=60).status_code)
+        except requests.RequestException as err:
+            results.append(repr(err))
+        finished.append(time.monotonic())
+
+    senders = [threading.Thread(target=send) for _ in range(12)]
+    for thread in senders:
+        thread.start()
+    time.sleep(0.3)
+    interrupted = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    for thread in senders:
+        thread.join(timeout=90)
+    assert results == [200] * 12, results
+    assert sum(t > interrupted for t in finished) >= 3  # they really were in flight at Ctrl-C
+    assert server.process.wait(timeout=90) == 0
 
 
 def test_serve_refuses_a_run_that_fails_verification(smoke_run, tmp_path):
@@ -142,3 +306,5 @@ def test_serve_refuses_a_run_that_fails_verification(smoke_run, tmp_path):
     (copy / "MANIFEST.json").unlink()
     done = raypipe("serve", str(copy), timeout=120)
     assert done.returncode == 2 and "no MANIFEST.json" in done.stderr
+    done = raypipe("serve", smoke_run.uri, smoke_run.uri, timeout=120)
+    assert done.returncode == 2 and "model name 'digits' is already served" in done.stderr
