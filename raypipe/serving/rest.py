@@ -197,7 +197,7 @@ class Stats:
             entry["compute_infer"][0] += 1
             entry["compute_infer"][1] += ns
 
-    def report(self, versions: list[tuple[str, str]], replica: str) -> dict[str, Any]:
+    def report(self, versions: list[tuple[str, str]], replica: str, loaded: list[str]) -> dict[str, Any]:
         with self._lock:
             stats = []
             for model, version in versions:
@@ -208,7 +208,7 @@ class Stats:
                     "inference_stats": {key: {"count": entry[key][0], "ns": entry[key][1]}
                                         for key in ("success", "fail", "compute_infer")},
                 })
-        return {"replica": replica, "model_stats": stats}
+        return {"replica": replica, "loaded": loaded, "model_stats": stats}
 
 
 # ---- the app ---------------------------------------------------------------------------------------
@@ -222,6 +222,9 @@ class Backend(Protocol):
     async def infer(self, model: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     async def version_ready(self, model: str, version: str) -> bool: ...
+
+    def loaded(self) -> list[str]:
+        """The `model/version` keys this process holds in memory now."""
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -363,7 +366,7 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
             versions = [(model, v) for v in spec.versions]
         else:
             versions = [(model, spec_of(model, version)[1])]
-        return stats.report(versions, replica)
+        return stats.report(versions, replica, backend.loaded())
 
     @app.get("/v2/models/{model}", summary="Model metadata (promoted version)")
     @app.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
