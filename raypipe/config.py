@@ -33,6 +33,10 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Fields whose values are never logged, written, or echoed in an error.
+SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
+
+
 class S3Config(_Model):
     """Where s3:// URIs live. Unset fields fall back to the usual AWS variables and files."""
 
@@ -243,7 +247,7 @@ class Config(_Model):
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets left out: safe to log and to write."""
         data = self.model_dump(mode="json")
-        data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if "key" not in k}
+        data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if k not in SECRET_FIELDS}
         return data
 
 
@@ -273,6 +277,8 @@ def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if any(part in SECRET_FIELDS for part in first["loc"]):
+        return f"{loc}: {msg} (value not shown: it is a secret)"
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if first["type"] == "missing":

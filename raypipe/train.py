@@ -111,7 +111,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=False)
+            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -261,7 +261,7 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
 
 def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:
     """The trained fp32 model from a checkpoint file in the run, in eval mode."""
-    state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=False, map_location="cpu")
+    state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=True, map_location="cpu")
     model = models.build(cfg.model, stats)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -103,3 +103,25 @@ def test_help_reads_well():
     assert done.returncode == 0
     for command in ("run", "serve", "validate"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("field", sorted(config.SECRET_FIELDS))
+def test_a_bad_secret_value_is_named_but_never_echoed(field):
+    with pytest.raises(ConfigError) as err:
+        config.validate({"storage": {"s3": {field: 123456789}}})
+    assert f"storage.s3.{field}" in str(err.value) and "123456789" not in str(err.value)
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    from raypipe.storage import write_bytes
+
+    write_bytes(str(tmp_path / "a" / "file.json"), b"{}")
+    assert (tmp_path / "a" / "file.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -52,3 +52,32 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
 
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint in a shared bucket would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from raypipe import train
+    from raypipe.config import Config
+    from raypipe.storage import RunPaths
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints/best").mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 1, "payload": _RunsCode(marker)}, run / train.BEST_CHECKPOINT)
+    paths = RunPaths.open(str(run))
+    with pytest.raises(pickle.UnpicklingError):
+        train.load_model(Config(), IMAGES, paths, train.BEST_CHECKPOINT)
+    assert not marker.exists()

@@ -165,7 +165,7 @@ def test_s3_round_trip(s3_endpoint):
     assert second["history"][:2] == first["history"] and second["restarts"] == 0
     # Retention: Ray keeps the latest two (train.keep_checkpoints), the best is kept apart.
     kept = sorted(fs.glob(f"{paths.path('checkpoints')}/checkpoint_*/checkpoint.pt"))
-    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=False)["epoch"] for f in kept] == [2, 3]
-    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=False)
+    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=True)["epoch"] for f in kept] == [2, 3]
+    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=True)
     assert second["checkpoint"] == "checkpoints/best/checkpoint.pt" and best["epoch"] == second["best_epoch"]
     assert best["history"][-1]["val_accuracy"] == max(h["val_accuracy"] for h in second["history"])
