@@ -139,7 +139,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     source = data.inspect_source(cfg.data, cfg.storage.s3)
     _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
-    data.build(cfg.data, cfg.seed, paths, source)
+    data.build(cfg.data, cfg.rng_seed(), paths, source)
     _print_last(paths.uri)
     return 0
 

@@ -6,6 +6,7 @@ No Ray or torch imports here: this module must stay cheap to import.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -243,6 +244,13 @@ class Config(_Model):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    def rng_seed(self) -> int:
+        """`seed` as every random generator downstream takes it (0 <= s < 2**32): a seed in that range
+        is used as it is; any other integer (negative, huge) is hashed into it."""
+        if 0 <= self.seed < 2**32:
+            return self.seed
+        return int.from_bytes(hashlib.blake2b(str(self.seed).encode(), digest_size=4).digest(), "big")
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets left out: safe to log and to write."""

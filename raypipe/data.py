@@ -333,14 +333,14 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 def _uniforms(keys: np.ndarray, seed: int, epoch: int, count: int, stream: int = 0) -> np.ndarray:
     """`count` uniforms in [0, 1) per key that depend only on (seed, epoch, stream, key)."""
-    salt = _mix(np.array([(seed * 1_000_003 + epoch) * 65_537 + stream], dtype=np.uint64))
+    salt = _mix(np.array([((seed * 1_000_003 + epoch) * 65_537 + stream) % 2**64], dtype=np.uint64))
     base = _mix(keys.astype(np.int64).view(np.uint64) ^ salt)
     z = _mix(base[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64))
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @functools.lru_cache(maxsize=4)
-def _noise_bank(seed: int, size: int = 1 << 20) -> np.ndarray:
+def _noise_bank(seed: int, size: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
 
 
@@ -362,13 +362,14 @@ def augment(batch: Batch, cfg: AugmentConfig, image_shape: list[int], seed: int,
     if "cutout" in cfg.ops:
         yy, xx = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
         cy, cx = (u[:, 4] * height).astype(int)[:, None, None], (u[:, 5] * width).astype(int)[:, None, None]
-        half = cfg.cutout_size // 2
-        hole = (np.abs(yy - cy) <= half - (cfg.cutout_size % 2 == 0)) & (np.abs(xx - cx) <= half - (cfg.cutout_size % 2 == 0))
+        # A cutout_size x cutout_size square whose centre pixel is (cy, cx), clipped at the borders.
+        top, left = cy - cfg.cutout_size // 2, cx - cfg.cutout_size // 2
+        hole = (yy >= top) & (yy < top + cfg.cutout_size) & (xx >= left) & (xx < left + cfg.cutout_size)
         imgs = np.where(hole[:, None], np.float32(0), imgs)
     x = imgs.reshape(n, -1) if geometric or "cutout" in cfg.ops else x
     if "noise" in cfg.ops and cfg.noise_std > 0:
-        bank = _noise_bank(seed)
         features = x.shape[1]
+        bank = _noise_bank(seed, max(1 << 20, 2 * features))  # room for a window at many offsets
         offsets = (u[:, 6] * (len(bank) - features)).astype(np.int64)
         # Each row takes a contiguous window of a fixed bank of normals, at its own random offset.
         x = x + cfg.noise_std * np.lib.stride_tricks.sliding_window_view(bank, features)[offsets]

@@ -22,7 +22,7 @@ def run(cfg: Config, source: dict[str, Any] | None = None) -> RunPaths:
     """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed.
     `source` is what `data.inspect_source` found, when the caller checked it already."""
     paths = start(cfg)
-    stats = data.build(cfg.data, cfg.seed, paths, source)
+    stats = data.build(cfg.data, cfg.rng_seed(), paths, source)
     trained = train_stage(cfg, paths, stats)
     finish(cfg, paths, stats, trained)
     return paths

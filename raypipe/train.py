@@ -95,7 +95,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if rank == 0:
         ray.get(loop["attempts"].start.remote(world))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.rng_seed())
     device = ray.train.torch.get_device()
     precision = resolve_precision(tcfg.precision, device.type)
 
@@ -126,7 +126,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         began, loss_sum, seen, step, micro = time.perf_counter(), 0.0, 0, 0, 0
-        ingest = data.IngestCollate(stats, cfg.data.augment, cfg.seed, epoch)
+        ingest = data.IngestCollate(stats, cfg.data.augment, cfg.rng_seed(), epoch)
         batches = train_shard.iter_torch_batches(batch_size=micro_batch, collate_fn=ingest, prefetch_batches=2,
                                                  device=device)
         for micro, (x, y) in enumerate(batches, start=1):
