@@ -27,8 +27,11 @@ log = logging.getLogger("raypipe")
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname,
-                           "logger": record.name, "message": record.getMessage()})
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def _setup_logging(fmt: str) -> None:
@@ -68,8 +71,15 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
                  include_dashboard=False, configure_logging=False)
 
 
+def _usable_cpus() -> int:
+    """The CPUs the embedded Ray will count: this process's affinity and cgroup quota, as Ray reads them."""
+    from ray._private.utils import get_num_cpus  # pinned: ray==2.60.0
+
+    return get_num_cpus()
+
+
 def _check_fits_locally(cfg: Config) -> None:
-    tcfg, cpus = cfg.train, cfg.ray.num_cpus or os.cpu_count()
+    tcfg, cpus = cfg.train, cfg.ray.num_cpus or _usable_cpus()
     low = tcfg.worker_range()[0]
     if low * tcfg.cpus_per_worker > cpus:
         raise ConfigError(
@@ -109,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
 
     source = data.inspect_source(cfg.data, cfg.storage.s3)
+    data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg, trains=True)
     paths = pipeline.run(cfg, source)
     _print_last(paths.uri)
@@ -137,6 +148,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
 
     source = data.inspect_source(cfg.data, cfg.storage.s3)
+    data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
     data.build(cfg.data, cfg.rng_seed(), paths, source)
@@ -153,6 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run}: already has checkpoints; pass --resume to continue from the latest")
     if paths.exists("MANIFEST.json"):
         raise ConfigError(f"{args.run}: is sealed (has MANIFEST.json); start a new run to train again")
+    from raypipe import data
+
+    data.check_settings_fit(cfg, paths.read_json("data/stats.json")["image_shape"], args.run)
     _init_ray(args.address, cfg, trains=True)
     from raypipe import pipeline
 

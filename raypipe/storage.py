@@ -177,15 +177,26 @@ class RunPaths:
         rels = (posixpath.relpath(p, base) for p in self.fs.find(base))
         return sorted(r for r in rels if r != MANIFEST and not posixpath.basename(r).startswith(".tmp-"))
 
-    def seal(self) -> dict[str, Any]:
-        """Write MANIFEST.json (sha256 and size of every file), last of all."""
+    def hashes(self, prefixes: list[str]) -> dict[str, tuple[str, int]]:
+        """(sha256, size) of every file under the given path prefixes."""
+        return {rel: self.sha256(rel) for rel in self.files() if rel.startswith(tuple(prefixes))}
+
+    def seal(self, known: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+        """Write MANIFEST.json (sha256 and size of every file), last of all. Files in `known` were hashed
+        earlier in this process (unchanged since) and are not read again."""
         files = {}
         for rel in self.files():
-            sha, size = self.sha256(rel)
+            sha, size = (known or {}).get(rel) or self.sha256(rel)
             files[rel] = {"sha256": sha, "size": size}
         manifest = {"run_id": self.run_id, "files": files}
         self.write_json(MANIFEST, manifest)
         return manifest
+
+    def unseal(self) -> None:
+        """Remove MANIFEST.json before files of a sealed run change, so no stale manifest vouches for them;
+        `seal` writes a new one when they are whole again."""
+        if self.exists(MANIFEST):
+            self.fs.rm_file(self.path(MANIFEST))
 
     def verify(self, only: list[str] | None = None) -> list[str]:
         """Problems with the run's files against its MANIFEST.json; empty when it is whole. With `only`,

@@ -66,7 +66,7 @@ def test_outlier_bounds_cut_extremes_but_not_constant_features(method):
     x = np.array([[0.0, 5.0], [50.0, 0.0]], dtype=np.float32)
     out = data.clean_batch({"x": x, "label_raw": np.array(["a", "a"])}, ["a"], np.array([], np.int64),
                            (low, high), 0.15, 0.15, 0)
-    assert len(out["x"]) == 1 and out["x"][0, 1] == 5.0
+    assert list(out["split"] == "outlier") == [False, True] and out["x"][0, 1] == 5.0
 
 
 def test_statistics_per_channel_and_per_feature():
