@@ -61,6 +61,8 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
     if address:
         log.info("ray: connecting to %s", address)
         ray.init(address=address, log_to_driver=True)
+        if cfg is not None:
+            _check_storage_reaches_every_node(cfg)
     else:
         if trains:
             _check_fits_locally(cfg)
@@ -76,6 +78,18 @@ def _usable_cpus() -> int:
     from ray._private.utils import get_num_cpus  # pinned: ray==2.60.0
 
     return get_num_cpus()
+
+
+def _check_storage_reaches_every_node(cfg: Config) -> None:
+    """On a multi-node cluster, Ray Data and Ray Train tasks on other nodes would write a local root to
+    their own disks: refused (as Ray Train refuses a local storage path there) unless it is shared."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and not cfg.storage.root.startswith("s3://") and not cfg.storage.shared:
+        ray.shutdown()
+        raise ConfigError(f"storage.root: {cfg.storage.root} is a local path and the cluster has {nodes} nodes; "
+                          "use s3://..., or set storage.shared=true if it is a filesystem every node mounts")
 
 
 def _check_fits_locally(cfg: Config) -> None:

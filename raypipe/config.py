@@ -49,6 +49,9 @@ class S3Config(_Model):
 
 class StorageConfig(_Model):
     root: str = Field("./runs", description="Where runs go: a local folder or s3://bucket/prefix.")
+    shared: bool = Field(
+        False, description="The local root is a shared filesystem mounted at the same path on every node "
+                           "(NFS, EFS, ...): allowed on a multi-node cluster, where a local root is refused.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URIs.")
 
     @field_validator("root")

@@ -125,12 +125,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+            blob = Path(folder, CHECKPOINT_FILE).read_bytes()
+        state = torch.load(io.BytesIO(blob), weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        if rank == 0 and best["epoch"] == start_epoch:
+            # Lost after reporting its best checkpoint but before copying it to best/: copy it now.
+            keep_best(loop["paths"], blob, start_epoch)
     if rank == 0:
         ray.get(loop["attempts"].start.remote(world, start_epoch))
 
@@ -197,9 +201,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             }
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-                if improved:  # written before the report, so a resumed run never points past it
-                    loop["paths"].write_bytes(BEST_CHECKPOINT, Path(folder, CHECKPOINT_FILE).read_bytes())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                if improved:  # after the report: best/ never holds an epoch the resumable history lacks
+                    keep_best(loop["paths"], Path(folder, CHECKPOINT_FILE).read_bytes(), epoch + 1)
         else:
             ray.train.report(metrics)
     return {
@@ -276,6 +280,15 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
     log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary["best_epoch"],
              summary["best_val_accuracy"])
     return summary
+
+
+def keep_best(paths: RunPaths, checkpoint: bytes, epoch: int) -> None:
+    """Make checkpoints/best/ hold `checkpoint` (of `epoch`), unless it already holds that epoch."""
+    if paths.exists(BEST_CHECKPOINT):
+        held = torch.load(io.BytesIO(paths.read_bytes(BEST_CHECKPOINT)), weights_only=True, map_location="cpu")
+        if held["epoch"] == epoch:
+            return
+    paths.write_bytes(BEST_CHECKPOINT, checkpoint)
 
 
 def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:

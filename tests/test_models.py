@@ -81,3 +81,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         train.load_model(Config(), IMAGES, paths, train.BEST_CHECKPOINT)
     assert not marker.exists()
+
+
+def test_best_is_restored_when_a_worker_was_lost_before_copying_it(tmp_path):
+    """Rank 0 copies an improved checkpoint to best/ after reporting it; lost in between, the resumed
+    run finds its latest checkpoint is the best and best/ older: keep_best copies it then."""
+    import io
+
+    from raypipe import train
+    from raypipe.storage import RunPaths
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    paths = RunPaths.open(str(run))
+
+    def checkpoint(epoch):
+        buffer = io.BytesIO()
+        torch.save({"model": {}, "epoch": epoch, "best": {"epoch": epoch, "val_accuracy": 0.5}}, buffer)
+        return buffer.getvalue()
+
+    train.keep_best(paths, checkpoint(2), 2)
+    train.keep_best(paths, checkpoint(3), 3)  # the resumed epoch-3 checkpoint, best but never copied
+    assert torch.load(run / train.BEST_CHECKPOINT, weights_only=True)["epoch"] == 3
+    before = (run / train.BEST_CHECKPOINT).stat().st_mtime_ns
+    train.keep_best(paths, checkpoint(3), 3)  # already there: not written again
+    assert (run / train.BEST_CHECKPOINT).stat().st_mtime_ns == before
