@@ -92,18 +92,24 @@ def _ddp_worker(rank: int, world: int, port: int, x: np.ndarray, y: np.ndarray, 
     dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ddp_rate(paths, stats, cfg, world: int = 2) -> float:
     import pyarrow.parquet as pq
     import torch.multiprocessing as mp
-
-    from tests.conftest import free_port
 
     tables = [pq.read_table(f) for f in sorted(Path(paths.path("data/train")).glob("*.parquet"))]
     x = np.concatenate([np.stack(t.column("x").to_numpy(zero_copy_only=False)) for t in tables]).astype(np.float32)
     y = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.spawn(_ddp_worker, args=(world, free_port(), x, y, stats, cfg, queue), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, _free_port(), x, y, stats, cfg, queue), nprocs=world, join=True)
     return queue.get()
 
 

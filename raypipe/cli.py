@@ -27,8 +27,11 @@ log = logging.getLogger("raypipe")
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname,
-                           "logger": record.name, "message": record.getMessage()})
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def _setup_logging(fmt: str) -> None:
@@ -58,6 +61,8 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
     if address:
         log.info("ray: connecting to %s", address)
         ray.init(address=address, log_to_driver=True)
+        if cfg is not None:
+            _check_storage_reaches_every_node(cfg)
     else:
         if trains:
             _check_fits_locally(cfg)
@@ -68,8 +73,27 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
                  include_dashboard=False, configure_logging=False)
 
 
+def _usable_cpus() -> int:
+    """The CPUs the embedded Ray will count: this process's affinity and cgroup quota, as Ray reads them."""
+    from ray._private.utils import get_num_cpus  # pinned: ray==2.60.0
+
+    return get_num_cpus()
+
+
+def _check_storage_reaches_every_node(cfg: Config) -> None:
+    """On a multi-node cluster, Ray Data and Ray Train tasks on other nodes would write a local root to
+    their own disks: refused (as Ray Train refuses a local storage path there) unless it is shared."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and not cfg.storage.root.startswith("s3://") and not cfg.storage.shared:
+        ray.shutdown()
+        raise ConfigError(f"storage.root: {cfg.storage.root} is a local path and the cluster has {nodes} nodes; "
+                          "use s3://..., or set storage.shared=true if it is a filesystem every node mounts")
+
+
 def _check_fits_locally(cfg: Config) -> None:
-    tcfg, cpus = cfg.train, cfg.ray.num_cpus or os.cpu_count()
+    tcfg, cpus = cfg.train, cfg.ray.num_cpus or _usable_cpus()
     low = tcfg.worker_range()[0]
     if low * tcfg.cpus_per_worker > cpus:
         raise ConfigError(
@@ -109,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
 
     source = data.inspect_source(cfg.data, cfg.storage.s3)
+    data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg, trains=True)
     paths = pipeline.run(cfg, source)
     _print_last(paths.uri)
@@ -137,9 +162,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
 
     source = data.inspect_source(cfg.data, cfg.storage.s3)
+    data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
-    data.build(cfg.data, cfg.seed, paths, source)
+    data.build(cfg.data, cfg.rng_seed(), paths, source)
     _print_last(paths.uri)
     return 0
 
@@ -153,6 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run}: already has checkpoints; pass --resume to continue from the latest")
     if paths.exists("MANIFEST.json"):
         raise ConfigError(f"{args.run}: is sealed (has MANIFEST.json); start a new run to train again")
+    from raypipe import data
+
+    data.check_settings_fit(cfg, paths.read_json("data/stats.json")["image_shape"], args.run)
     _init_ray(args.address, cfg, trains=True)
     from raypipe import pipeline
 

@@ -6,6 +6,7 @@ No Ray or torch imports here: this module must stay cheap to import.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,10 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Fields whose values are never logged, written, or echoed in an error.
+SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
+
+
 class S3Config(_Model):
     """Where s3:// URIs live. Unset fields fall back to the usual AWS variables and files."""
 
@@ -44,6 +49,9 @@ class S3Config(_Model):
 
 class StorageConfig(_Model):
     root: str = Field("./runs", description="Where runs go: a local folder or s3://bucket/prefix.")
+    shared: bool = Field(
+        False, description="The local root is a shared filesystem mounted at the same path on every node "
+                           "(NFS, EFS, ...): allowed on a multi-node cluster, where a local root is refused.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URIs.")
 
     @field_validator("root")
@@ -240,10 +248,17 @@ class Config(_Model):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    def rng_seed(self) -> int:
+        """`seed` as every random generator downstream takes it (0 <= s < 2**32): a seed in that range
+        is used as it is; any other integer (negative, huge) is hashed into it."""
+        if 0 <= self.seed < 2**32:
+            return self.seed
+        return int.from_bytes(hashlib.blake2b(str(self.seed).encode(), digest_size=4).digest(), "big")
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets left out: safe to log and to write."""
         data = self.model_dump(mode="json")
-        data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if "key" not in k}
+        data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if k not in SECRET_FIELDS}
         return data
 
 
@@ -273,6 +288,8 @@ def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if any(part in SECRET_FIELDS for part in first["loc"]):
+        return f"{loc}: {msg} (value not shown: it is a secret)"
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if first["type"] == "missing":

@@ -29,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from raypipe.config import AugmentConfig, ConfigError, DataConfig, OutlierConfig, S3Config
+from raypipe.config import AugmentConfig, Config, ConfigError, DataConfig, OutlierConfig, S3Config
 from raypipe.storage import RunPaths, arrow_filesystem, filesystem, strip_scheme
 
 log = logging.getLogger("raypipe")
 
 SPLITS = ("train", "val", "test")
+OUTLIER = "outlier"  # the partition outliers are written to, counted and removed
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 Batch = dict[str, np.ndarray]
 
@@ -108,6 +109,20 @@ def _detect_format(cfg: DataConfig, files: list[str]) -> str:
     if not kinds:
         raise ConfigError(f"data.source: no parquet, CSV or image files under {cfg.source}")
     return kinds.pop()
+
+
+def check_settings_fit(cfg: Config, image_shape: list[int], source: str) -> None:
+    """Settings that depend on the data, checked once its shape is known (before Ray starts): a
+    ConfigError naming the key, instead of a failure late inside a worker."""
+    if len(image_shape) == 3:
+        return
+    if cfg.model.arch in ("cnn", "resnet"):
+        raise ConfigError(f"model.arch: {cfg.model.arch} needs image data; {source} has flat features "
+                          f"({image_shape[0]} per row): use mlp")
+    image_ops = [op for op in cfg.data.augment.ops if op != "noise"]
+    if image_ops:
+        raise ConfigError(f"data.augment.ops: {image_ops} need image data; {source} has flat features "
+                          "(only noise applies)")
 
 
 def inspect_source(cfg: DataConfig, s3: S3Config | None = None) -> dict[str, Any]:
@@ -220,7 +235,9 @@ def read_source(cfg: DataConfig, info: dict[str, Any], s3: S3Config | None = Non
         ds = reader(paths, filesystem=fs).select_columns([*info["columns"], cfg.label]).map_batches(
             tabular_to_xy, fn_kwargs={"columns": info["columns"], "label": cfg.label,
                                       "image": len(info["image_shape"]) == 3})
-    return ds.limit(cfg.limit) if cfg.limit else ds
+    # Ray's limit takes blocks in arrival order, which differs between passes over a multi-file source:
+    # materialized once, every pass (scan, outlier fit, clean) sees the same rows.
+    return ds.limit(cfg.limit).materialize() if cfg.limit else ds
 
 
 # ---- cleaning and splitting: pure batch functions -------------------------------------------------
@@ -251,19 +268,20 @@ def split_of(keys: np.ndarray, val: float, test: float, seed: int) -> np.ndarray
 
 def clean_batch(batch: Batch, classes: list[str], dup_keys: np.ndarray, bounds: tuple[np.ndarray, np.ndarray] | None,
                 val: float, test: float, seed: int) -> Batch:
-    """Drop non-finite rows, unknown labels and outliers; add label index, key, split and a duplicate flag."""
+    """Drop non-finite rows and unknown labels; add label index, key, split and a duplicate flag. Outliers
+    get the split "outlier": written apart and counted there (where they are dropped), then removed."""
     x, labels = batch["x"], batch["label_raw"]
     index = {name: i for i, name in enumerate(classes)}
     label = np.array([index.get(str(v), -1) for v in labels], dtype=np.int64)
     keep = finite_rows(x) & (label >= 0)
+    x, label = x[keep], label[keep]
+    keys = row_keys(x)
+    split = split_of(keys, val, test, seed)
     if bounds is not None:
         low, high = bounds
         flat = x.reshape(len(x), -1)
-        keep &= ((flat >= low) & (flat <= high)).all(axis=1)
-    x, label = x[keep], label[keep]
-    keys = row_keys(x)
-    return {"x": x, "label": label, "key": keys, "split": split_of(keys, val, test, seed),
-            "dup": np.isin(keys, dup_keys)}
+        split = np.where(((flat >= low) & (flat <= high)).all(axis=1), split, OUTLIER)
+    return {"x": x, "label": label, "key": keys, "split": split, "dup": np.isin(keys, dup_keys)}
 
 
 def first_of_group(batch: Batch) -> Batch:
@@ -333,14 +351,14 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 def _uniforms(keys: np.ndarray, seed: int, epoch: int, count: int, stream: int = 0) -> np.ndarray:
     """`count` uniforms in [0, 1) per key that depend only on (seed, epoch, stream, key)."""
-    salt = _mix(np.array([(seed * 1_000_003 + epoch) * 65_537 + stream], dtype=np.uint64))
+    salt = _mix(np.array([((seed * 1_000_003 + epoch) * 65_537 + stream) % 2**64], dtype=np.uint64))
     base = _mix(keys.astype(np.int64).view(np.uint64) ^ salt)
     z = _mix(base[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64))
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @functools.lru_cache(maxsize=4)
-def _noise_bank(seed: int, size: int = 1 << 20) -> np.ndarray:
+def _noise_bank(seed: int, size: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
 
 
@@ -362,13 +380,14 @@ def augment(batch: Batch, cfg: AugmentConfig, image_shape: list[int], seed: int,
     if "cutout" in cfg.ops:
         yy, xx = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
         cy, cx = (u[:, 4] * height).astype(int)[:, None, None], (u[:, 5] * width).astype(int)[:, None, None]
-        half = cfg.cutout_size // 2
-        hole = (np.abs(yy - cy) <= half - (cfg.cutout_size % 2 == 0)) & (np.abs(xx - cx) <= half - (cfg.cutout_size % 2 == 0))
+        # A cutout_size x cutout_size square whose centre pixel is (cy, cx), clipped at the borders.
+        top, left = cy - cfg.cutout_size // 2, cx - cfg.cutout_size // 2
+        hole = (yy >= top) & (yy < top + cfg.cutout_size) & (xx >= left) & (xx < left + cfg.cutout_size)
         imgs = np.where(hole[:, None], np.float32(0), imgs)
     x = imgs.reshape(n, -1) if geometric or "cutout" in cfg.ops else x
     if "noise" in cfg.ops and cfg.noise_std > 0:
-        bank = _noise_bank(seed)
         features = x.shape[1]
+        bank = _noise_bank(seed, max(1 << 20, 2 * features))  # room for a window at many offsets
         offsets = (u[:, 6] * (len(bank) - features)).astype(np.int64)
         # Each row takes a contiguous window of a fixed bank of normals, at its own random offset.
         x = x + cfg.noise_std * np.lib.stride_tricks.sliding_window_view(bank, features)[offsets]
@@ -473,8 +492,7 @@ def build(cfg: DataConfig, seed: int, paths: RunPaths, info: dict[str, Any] | No
         paths.path("data/_split"), filesystem=paths.arrow_fs, partition_cols=["split"],
         max_rows_per_file=rows_per_file)
 
-    rows, shards = _place_splits(paths)
-    dropped["outlier"] = len(unique_keys) - sum(rows.values())
+    rows, shards, dropped["outlier"] = _place_splits(paths)
     log.info("data: read %d rows, dropped %s, split %s", rows_read, dropped, rows)
     for split, count in rows.items():
         if count == 0:
@@ -509,24 +527,33 @@ def _fit_outliers(source, clean_args: dict[str, Any], cfg: DataConfig, rows: int
     return outlier_bounds(rows_x.reshape(len(rows_x), -1)[: cfg.outliers.sample_rows], cfg.outliers)
 
 
-def _place_splits(paths: RunPaths) -> tuple[dict[str, int], dict[str, int]]:
-    """Move the partitioned write's `split=<name>/` folders to `data/<name>/`; count rows from footers."""
+def _place_splits(paths: RunPaths) -> tuple[dict[str, int], dict[str, int], int]:
+    """Move the partitioned write's `split=<name>/` folders to `data/<name>/`; count rows from footers.
+    Returns rows and shards per split, and the outlier rows (written apart, counted, removed)."""
     import pyarrow.parquet as pq
 
     fs = paths.fs
+
+    def written(split: str) -> list[str]:
+        folder = paths.path(f"data/_split/split={split}")
+        return sorted(f for f in fs.find(folder) if f.endswith(".parquet")) if fs.exists(folder) else []
+
+    def count(files: list[str]) -> int:
+        return sum(pq.read_metadata(f, filesystem=paths.arrow_fs).num_rows for f in files)
+
     rows, shards = {}, {}
     for split in SPLITS:
-        written, target = paths.path(f"data/_split/split={split}"), paths.path(f"data/{split}")
-        files = sorted(f for f in fs.find(written) if f.endswith(".parquet")) if fs.exists(written) else []
+        target = paths.path(f"data/{split}")
         fs.makedirs(target, exist_ok=True)
-        for file in files:
-            fs.mv(file, posixpath.join(target, posixpath.basename(file)))
-        rows[split] = sum(pq.read_metadata(posixpath.join(target, posixpath.basename(f)), filesystem=paths.arrow_fs).num_rows
-                          for f in files)
-        shards[split] = len(files)
+        placed = []
+        for file in written(split):
+            placed.append(posixpath.join(target, posixpath.basename(file)))
+            fs.mv(file, placed[-1])
+        rows[split], shards[split] = count(placed), len(placed)
+    outliers = count(written(OUTLIER))
     if fs.exists(paths.path("data/_split")):
         fs.rm(paths.path("data/_split"), recursive=True)
-    return rows, shards
+    return rows, shards, outliers
 
 
 def load_split(paths: RunPaths, split: str):
@@ -535,15 +562,13 @@ def load_split(paths: RunPaths, split: str):
     Training reads each split once per epoch. Ray Data's v1 parquet reader lists the shards and their
     footers once, here in the driver; the default v2 reader lists them again on every execution with a
     pool of 32 footer-reader actors (1.4 s against 0.14 s per epoch on the digits split, and far more on
-    a multi-node cluster, where the actors start on every node)."""
+    a multi-node cluster, where the actors start on every node). The v1 datasource is named here rather
+    than chosen through DataContext's process-wide flag, which other threads would see flipped."""
     import ray.data
+    from ray.data._internal.datasource.parquet_datasource import ParquetDatasource  # pinned: ray==2.60.0
 
-    context = ray.data.DataContext.get_current()
-    default, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(paths.path(f"data/{split}"), filesystem=paths.arrow_fs, file_extensions=["parquet"])
-    finally:
-        context.use_datasource_v2 = default
+    source = ParquetDatasource(paths.path(f"data/{split}"), filesystem=paths.arrow_fs, file_extensions=["parquet"])
+    return ray.data.read_datasource(source)
 
 
 def load(paths: RunPaths) -> dict[str, Any]:

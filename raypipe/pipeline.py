@@ -22,7 +22,7 @@ def run(cfg: Config, source: dict[str, Any] | None = None) -> RunPaths:
     """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed.
     `source` is what `data.inspect_source` found, when the caller checked it already."""
     paths = start(cfg)
-    stats = data.build(cfg.data, cfg.seed, paths, source)
+    stats = data.build(cfg.data, cfg.rng_seed(), paths, source)
     trained = train_stage(cfg, paths, stats)
     finish(cfg, paths, stats, trained)
     return paths
@@ -50,9 +50,12 @@ def train_stage(cfg: Config, paths: RunPaths, stats: dict[str, Any]) -> dict[str
 
 
 def finish(cfg: Config, paths: RunPaths, stats: dict[str, Any], trained: dict[str, Any]) -> None:
-    """Compress, evaluate and guard the variants, write the report, then seal the run."""
+    """Compress, evaluate and guard the variants, write the report, then seal the run (unsealed first, when
+    it is compressed again)."""
+    paths.unseal()
     variants = compress.run(cfg, trained["checkpoint"], data.load(paths), stats, paths)
     promoted = compress.promote(variants)
-    report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted))
-    paths.seal()
+    hashes = paths.hashes(["data/", trained["checkpoint"]])  # hashed once: for the lineage and the manifest
+    report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))
+    paths.seal(known=hashes)
     log.info("run complete: promoted %s", promoted)

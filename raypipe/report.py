@@ -19,11 +19,12 @@ def versions() -> dict[str, str]:
 
 
 def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any], trained: dict[str, Any],
-          variants: list[dict[str, Any]], promoted: str) -> dict[str, Any]:
-    """The report.json document; every field is described in the README."""
-    data_files = _hashes(paths, "data/")
+          variants: list[dict[str, Any]], promoted: str, hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """The report.json document; every field is described in the README. `hashes` holds (sha256, size) of
+    the data files and the checkpoint, which the manifest reuses."""
     # One digest for the whole data set: over each file's path and sha256, in path order.
-    dataset_sha = sha256_bytes("".join(f"{rel}:{sha}\n" for rel, sha in sorted(data_files.items())).encode())
+    dataset_sha = sha256_bytes("".join(f"{rel}:{sha}\n" for rel, (sha, _) in sorted(hashes.items())
+                                       if rel.startswith("data/")).encode())
     return {
         "run_id": paths.run_id,
         "uri": paths.uri,
@@ -46,6 +47,7 @@ def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any],
             "samples_per_second": trained["samples_per_second"],
             "restarts": trained["restarts"],
             "resizes": trained["resizes"],
+            "start_epochs": trained["start_epochs"],
             "checkpoint": paths.child_uri(trained["checkpoint"]),
             "best_epoch": trained["best_epoch"],
         },
@@ -53,14 +55,10 @@ def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any],
         "promoted": promoted,
         "lineage": {
             "dataset": dataset_sha,
-            "checkpoint": _hashes(paths, trained["checkpoint"])[trained["checkpoint"]],
+            "checkpoint": hashes[trained["checkpoint"]][0],
             "artifacts": {v["name"]: v["sha256"] for v in variants},
         },
     }
-
-
-def _hashes(paths: RunPaths, prefix: str) -> dict[str, str]:
-    return {rel: paths.sha256(rel)[0] for rel in paths.files() if rel.startswith(prefix)}
 
 
 def _training_plot(history: list[dict[str, Any]]) -> bytes:

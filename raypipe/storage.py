@@ -23,6 +23,9 @@ import fsspec
 from raypipe.config import ConfigError, S3Config, StorageConfig
 
 MANIFEST = "MANIFEST.json"
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def filesystem(uri: str, s3: S3Config | None = None) -> fsspec.AbstractFileSystem:
@@ -68,6 +71,7 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a renamed file gets what open() would give
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         os.replace(tmp, target)
@@ -173,15 +177,26 @@ class RunPaths:
         rels = (posixpath.relpath(p, base) for p in self.fs.find(base))
         return sorted(r for r in rels if r != MANIFEST and not posixpath.basename(r).startswith(".tmp-"))
 
-    def seal(self) -> dict[str, Any]:
-        """Write MANIFEST.json (sha256 and size of every file), last of all."""
+    def hashes(self, prefixes: list[str]) -> dict[str, tuple[str, int]]:
+        """(sha256, size) of every file under the given path prefixes."""
+        return {rel: self.sha256(rel) for rel in self.files() if rel.startswith(tuple(prefixes))}
+
+    def seal(self, known: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+        """Write MANIFEST.json (sha256 and size of every file), last of all. Files in `known` were hashed
+        earlier in this process (unchanged since) and are not read again."""
         files = {}
         for rel in self.files():
-            sha, size = self.sha256(rel)
+            sha, size = (known or {}).get(rel) or self.sha256(rel)
             files[rel] = {"sha256": sha, "size": size}
         manifest = {"run_id": self.run_id, "files": files}
         self.write_json(MANIFEST, manifest)
         return manifest
+
+    def unseal(self) -> None:
+        """Remove MANIFEST.json before files of a sealed run change, so no stale manifest vouches for them;
+        `seal` writes a new one when they are whole again."""
+        if self.exists(MANIFEST):
+            self.fs.rm_file(self.path(MANIFEST))
 
     def verify(self, only: list[str] | None = None) -> list[str]:
         """Problems with the run's files against its MANIFEST.json; empty when it is whole. With `only`,

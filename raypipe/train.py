@@ -54,11 +54,21 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _all_reduce(values: list[float]) -> list[float]:
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor.tolist()
+
+
+def _with_last(items):
+    """(item, is_last) for each item: one item of look-ahead, so the last is known when it comes."""
+    iterator = iter(items)
+    current = next(iterator, _END := object())
+    while current is not _END:
+        upcoming = next(iterator, _END)
+        yield current, upcoming is _END
+        current = upcoming
 
 
 def lr_factor(progress: float, epochs: int, warmup_epochs: float) -> float:
@@ -78,13 +88,15 @@ class Attempts:
 
     def __init__(self):
         self.worlds: list[int] = []
+        self.epochs: list[int] = []
 
-    def start(self, world: int) -> None:
+    def start(self, world: int, epoch: int) -> None:
         self.worlds.append(world)
+        self.epochs.append(epoch)
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, Any]:
         changes = [now != before for before, now in zip(self.worlds, self.worlds[1:])]
-        return {"restarts": changes.count(False), "resizes": changes.count(True)}
+        return {"restarts": changes.count(False), "resizes": changes.count(True), "start_epochs": self.epochs}
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +105,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     tcfg, stats = cfg.train, loop["stats"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if rank == 0:
-        ray.get(loop["attempts"].start.remote(world))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.rng_seed())
     device = ray.train.torch.get_device()
     precision = resolve_precision(tcfg.precision, device.type)
 
@@ -106,17 +116,27 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     # The global batch per optimizer step stays `batch_size` whatever the worker count:
     # each worker takes batch_size / (workers x accumulation steps) rows per micro-batch.
     micro_batch = max(1, tcfg.batch_size // (world * tcfg.grad_accum_steps))
+    if rank == 0 and micro_batch * world * tcfg.grad_accum_steps != tcfg.batch_size:
+        log.warning("train.batch_size %d is not a multiple of %d workers x %d accumulation steps: each optimizer "
+                    "step sees %d rows", tcfg.batch_size, world, tcfg.grad_accum_steps,
+                    micro_batch * world * tcfg.grad_accum_steps)
 
     start_epoch, history, best = 0, [], {"epoch": 0, "val_accuracy": -1.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=False)
+            blob = Path(folder, CHECKPOINT_FILE).read_bytes()
+        state = torch.load(io.BytesIO(blob), weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        if rank == 0 and best["epoch"] == start_epoch:
+            # Lost after reporting its best checkpoint but before copying it to best/: copy it now.
+            keep_best(loop["paths"], blob, start_epoch)
+    if rank == 0:
+        ray.get(loop["attempts"].start.remote(world, start_epoch))
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -126,12 +146,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         began, loss_sum, seen, step, micro = time.perf_counter(), 0.0, 0, 0, 0
-        ingest = data.IngestCollate(stats, cfg.data.augment, cfg.seed, epoch)
+        ingest = data.IngestCollate(stats, cfg.data.augment, cfg.rng_seed(), epoch)
         batches = train_shard.iter_torch_batches(batch_size=micro_batch, collate_fn=ingest, prefetch_batches=2,
                                                  device=device)
-        for micro, (x, y) in enumerate(batches, start=1):
-            last_micro = micro % tcfg.grad_accum_steps == 0
-            # Gradients all-reduce only on the micro-batch that ends an accumulation.
+        for micro, ((x, y), last_of_epoch) in enumerate(_with_last(batches), start=1):
+            # Gradients all-reduce only on the micro-batch that ends an accumulation, and always on the
+            # epoch's last one: a partial accumulation must not step on gradients never all-reduced.
+            last_micro = micro % tcfg.grad_accum_steps == 0 or last_of_epoch
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with _autocast(precision, device):
@@ -141,13 +162,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                 step = _step(optimizer, scaler, tcfg, epoch + step / steps_per_epoch, step)
             loss_sum += loss.item() * len(y)
             seen += len(y)
-        if micro % tcfg.grad_accum_steps:
-            _step(optimizer, scaler, tcfg, epoch + step / steps_per_epoch, step)
         elapsed = time.perf_counter() - began
         val_loss, val_correct, val_seen = _evaluate(model, val_shard, stats, loss_fn, precision, device)
         loss_sum, seen, val_loss, val_correct, val_seen, elapsed = _all_reduce(
             [loss_sum, seen, val_loss, val_correct, val_seen, elapsed]
         )
+        # Data-parallel workers must hold the same weights: the spread of a checksum shows any drift.
+        checksum = float(sum(p.detach().double().sum() for p in _unwrap(model).parameters()))
+        drift = _all_reduce([checksum], op="max")[0] - _all_reduce([checksum], op="min")[0]
         # Global samples per second of mean worker time; the first epoch of each start pays for warm-up.
         if epoch > start_epoch:
             rates.append(seen / (elapsed / world))
@@ -157,6 +179,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             "val_loss": val_loss / max(val_seen, 1),
             "val_accuracy": val_correct / max(val_seen, 1),
             "workers": world,
+            "weights_drift": drift,
         }
         history.append(metrics)
         done = epoch + 1 == tcfg.epochs
@@ -178,9 +201,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             }
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-                if improved:  # written before the report, so a resumed run never points past it
-                    loop["paths"].write_bytes(BEST_CHECKPOINT, Path(folder, CHECKPOINT_FILE).read_bytes())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                if improved:  # after the report: best/ never holds an epoch the resumable history lacks
+                    keep_best(loop["paths"], Path(folder, CHECKPOINT_FILE).read_bytes(), epoch + 1)
         else:
             ray.train.report(metrics)
     return {
@@ -259,9 +282,18 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
     return summary
 
 
+def keep_best(paths: RunPaths, checkpoint: bytes, epoch: int) -> None:
+    """Make checkpoints/best/ hold `checkpoint` (of `epoch`), unless it already holds that epoch."""
+    if paths.exists(BEST_CHECKPOINT):
+        held = torch.load(io.BytesIO(paths.read_bytes(BEST_CHECKPOINT)), weights_only=True, map_location="cpu")
+        if held["epoch"] == epoch:
+            return
+    paths.write_bytes(BEST_CHECKPOINT, checkpoint)
+
+
 def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:
     """The trained fp32 model from a checkpoint file in the run, in eval mode."""
-    state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=False, map_location="cpu")
+    state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=True, map_location="cpu")
     model = models.build(cfg.model, stats)
     model.load_state_dict(state["model"])
     return model.eval()

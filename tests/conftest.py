@@ -92,7 +92,7 @@ def staged_run(tmp_path_factory) -> StagedRun:
     assert steps["train"].returncode == 0, steps["train"].stderr[-3000:]
     history = json.loads((Path(run) / "train.json").read_text())["history"]
     latest = max(Path(run).glob("checkpoints/checkpoint_*/checkpoint.pt"), key=lambda p: p.parent.name)
-    state = torch.load(latest, weights_only=False)
+    state = torch.load(latest, weights_only=True)
     steps["train-again"] = raypipe("train", run, timeout=120)
     steps["resume"] = raypipe("train", run, "--resume", "--set", "train.epochs=5", *cnn)
     assert steps["resume"].returncode == 0, steps["resume"].stderr[-3000:]

@@ -1,5 +1,6 @@
 """Config: every shipped file loads; bad keys and values exit 2 naming the key, before Ray, writing nothing."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,25 @@ from tests.conftest import REPO, raypipe
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path: Path):
+def test_shipped_configs_validate_and_every_key_takes_effect(path: Path):
     cfg = config.load(path)
     assert cfg.train.max_failures >= 1
+    loaded = _leaves(cfg.model_dump())
+    for key, value in _leaves(yaml.safe_load(path.read_text())).items():
+        if key in ("storage.root", "data.source") and value != "digits":
+            value = str(Path(value).expanduser().resolve())  # paths are made absolute
+        assert loaded[key] == value, key
 
 
 def test_default_config_is_digits_with_seed():
@@ -103,3 +119,50 @@ def test_help_reads_well():
     assert done.returncode == 0
     for command in ("run", "serve", "validate"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("field", sorted(config.SECRET_FIELDS))
+def test_a_bad_secret_value_is_named_but_never_echoed(field):
+    with pytest.raises(ConfigError) as err:
+        config.validate({"storage": {"s3": {field: 123456789}}})
+    assert f"storage.s3.{field}" in str(err.value) and "123456789" not in str(err.value)
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    from raypipe.storage import write_bytes
+
+    write_bytes(str(tmp_path / "a" / "file.json"), b"{}")
+    assert (tmp_path / "a" / "file.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def test_the_fit_check_counts_the_cpus_ray_will_see(monkeypatch):
+    from ray._private import utils as ray_utils
+
+    from raypipe import cli
+
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda *args, **kwargs: 1)  # e.g. a 1-CPU cgroup quota
+    cfg = config.load(REPO / "configs/smoke.yaml", {"train.cpus_per_worker": 1.0})
+    with pytest.raises(ConfigError, match="do not fit the embedded Ray's 1 CPUs"):
+        cli._check_fits_locally(cfg)
+
+
+def test_json_logs_keep_the_traceback():
+    import json
+    import logging
+
+    from raypipe import cli
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("raypipe", logging.ERROR, __file__, 1, "failed: %s", ("boom",), sys.exc_info())
+    line = json.loads(cli._JsonFormatter().format(record))
+    assert line["message"] == "failed: boom" and "RuntimeError: boom" in line["traceback"]

@@ -79,3 +79,14 @@ def test_a_failure_after_start_leaves_no_manifest(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     runs = list(root.iterdir())
     assert len(runs) == 1 and (runs[0] / "config.yaml").exists() and not (runs[0] / "MANIFEST.json").exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--set", "model.arch=cnn", "--set", "data.augment.ops=[]"], ["model.arch", "cnn needs image data"]),
+    (["--set", "data.augment.ops=[crop, noise]"], ["data.augment.ops", "['crop'] need image data"]),
+])
+def test_settings_that_need_images_are_refused_on_tabular_data(tmp_path, extra, needles):
+    source = tmp_path / "table.csv"
+    _frame().to_csv(source, index=False)
+    done, root = _run(tmp_path, source, *extra)
+    _fails_cleanly(done, root, *needles)

@@ -66,7 +66,7 @@ def test_outlier_bounds_cut_extremes_but_not_constant_features(method):
     x = np.array([[0.0, 5.0], [50.0, 0.0]], dtype=np.float32)
     out = data.clean_batch({"x": x, "label_raw": np.array(["a", "a"])}, ["a"], np.array([], np.int64),
                            (low, high), 0.15, 0.15, 0)
-    assert len(out["x"]) == 1 and out["x"][0, 1] == 5.0
+    assert list(out["split"] == "outlier") == [False, True] and out["x"][0, 1] == 5.0
 
 
 def test_statistics_per_channel_and_per_feature():
@@ -141,3 +141,34 @@ def test_synthetic_images_are_deterministic_and_class_dependent():
     assert set(a["label"]) == set(range(10))
     means = np.array([a["image"][a["label"] == c].mean(axis=(0, 1, 2)) for c in range(10)])
     assert np.ptp(means, axis=0).max() > 5
+
+
+@pytest.mark.parametrize("size", [3, 4, 7, 8])
+def test_cutout_removes_exactly_a_size_by_size_square(size):
+    batch = _images(64)
+    batch["x"] = np.ones_like(batch["x"])
+    cut = data.augment(batch, AugmentConfig(ops=["cutout"], cutout_size=size), [3, 32, 32], 0, 0)
+    zeroed = (cut.reshape(64, 3, 32, 32) == 0).all(axis=1).sum(axis=(1, 2))
+    # Clipped at a border a hole is smaller; among 64 random centres many lie well inside.
+    assert zeroed.max() == size * size and (zeroed == size * size).mean() > 0.5
+
+
+def test_noise_works_on_images_larger_than_its_bank():
+    big = {"x": np.zeros((2, (1 << 20) + 64), dtype=np.uint8), "key": np.array([1, 2])}
+    out = data.augment(big, AugmentConfig(ops=["noise"], noise_std=1.0), [1, 1, (1 << 20) + 64], 0, 0)
+    assert out.shape == big["x"].shape and 0.9 < out.std() < 1.1 and not np.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("seed", [-1, 300_000_000, 2**70])
+def test_every_integer_seed_works(seed):
+    from raypipe.config import Config
+
+    word = Config(seed=seed).rng_seed()
+    assert 0 <= word < 2**32 and word == Config(seed=seed).rng_seed()
+    keys = np.arange(1000, dtype=np.int64)
+    assert set(data.split_of(keys, 0.15, 0.15, word)) == {"train", "val", "test"}
+    batch, cfg = _images(), AugmentConfig(ops=["crop", "noise", "cutout"], crop_padding=2, noise_std=4)
+    assert np.isfinite(data.augment(batch, cfg, [3, 32, 32], word, 1)).all()
+    # The hash of the counter-based generator takes any integer too.
+    assert data._uniforms(keys, seed, 0, 2).shape == (1000, 2)
+    assert Config(seed=7).rng_seed() == 7  # seeds in range are kept, so existing runs reproduce

@@ -127,3 +127,64 @@ def test_pull_from_s3_verifies_and_caches_by_digest(exported, smoke_run, s3_endp
     # A second node start finds the copy by digest and fetches nothing: the objects may even be gone.
     fs.rm("edge-bundles/digits-v1/digits", recursive=True)
     assert bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest) == local
+
+
+def test_serving_verifies_what_it_reads_and_only_that(smoke_run, tmp_path):
+    import shutil
+
+    from raypipe.config import ConfigError
+
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    shard = next((copy / "data/train").glob("*.parquet"))
+    shard.write_bytes(b"changed")  # a file serving never reads: no reason to refuse
+    assert "digits" in open_sources([str(copy)]).models
+    promoted = smoke_run.report()["promoted"]
+    (copy / f"models/{promoted}/model.onnx").write_bytes(b"changed")
+    with pytest.raises(ConfigError, match=f"models/{promoted}/model.onnx"):
+        open_sources([str(copy)])
+
+
+def test_seal_reuses_hashes_taken_earlier_in_the_run(smoke_run, tmp_path):
+    import shutil
+
+    from raypipe.storage import RunPaths
+
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    paths = RunPaths.open(str(copy))
+    known = paths.hashes(["data/"])
+    assert known and all(rel.startswith("data/") for rel in known)
+    marked = {rel: ("f" * 64, size) for rel, (_, size) in known.items()}  # not what the files hash to
+    manifest = paths.seal(known=marked)
+    assert {rel: e["sha256"] for rel, e in manifest["files"].items() if rel.startswith("data/")} == \
+        {rel: "f" * 64 for rel in known}
+    report = smoke_run.report()
+    assert manifest["files"][report["train"]["checkpoint"].removeprefix(smoke_run.uri + "/")]["sha256"] == \
+        report["lineage"]["checkpoint"]
+
+
+def test_a_rejected_variant_is_neither_promoted_nor_served(smoke_run, tmp_path):
+    import shutil
+
+    from raypipe import compress
+    from raypipe.storage import RunPaths
+
+    variants = [{"name": "fp32", "test_accuracy": 0.95, "size_bytes": 200, "accepted": True},
+                {"name": "int8", "test_accuracy": 0.90, "size_bytes": 60, "accepted": True}]
+    compress.guard(variants, max_drop=0.01)
+    assert [v["accepted"] for v in variants] == [True, False] and "0.05" in variants[1]["reason"]
+    assert compress.promote(variants) == "fp32"  # the smaller variant lost too much
+
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    report = json.loads((copy / "report.json").read_text())
+    for variant in report["variants"]:
+        if variant["name"] == "int8":
+            variant.update(accepted=False, reason="accuracy drop 0.0500 > 0.01")
+    report["promoted"] = "fp32"
+    (copy / "report.json").write_text(json.dumps(report))
+    RunPaths.open(str(copy)).seal()
+    assert list(open_sources([str(copy)]).models["digits"].versions) == ["fp32"]
+    done = raypipe("export", str(copy), "--to", str(tmp_path / "b"), "--variants", "int8", timeout=60)
+    assert done.returncode == 2 and "no accepted variant 'int8'" in done.stderr

@@ -66,3 +66,16 @@ def test_elastic_run_grows_when_a_node_joins(cluster, tmp_path):
     assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 21))
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_a_local_root_is_refused_on_a_multi_node_cluster(cluster, tmp_path, monkeypatch):
+    from raypipe import cli
+    from raypipe.config import ConfigError
+
+    if sum(node["Alive"] for node in ray.nodes()) < 2:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the module's Ray stays up for its teardown
+    with pytest.raises(ConfigError, match="storage.root: .* is a local path and the cluster has"):
+        cli._check_storage_reaches_every_node(load(None, {"storage.root": str(tmp_path)}))
+    cli._check_storage_reaches_every_node(load(None, {"storage.root": str(tmp_path), "storage.shared": True}))
+    cli._check_storage_reaches_every_node(load(None, {"storage.root": "s3://bucket/runs"}))

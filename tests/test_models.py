@@ -52,3 +52,57 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
 
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint in a shared bucket would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from raypipe import train
+    from raypipe.config import Config
+    from raypipe.storage import RunPaths
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints/best").mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 1, "payload": _RunsCode(marker)}, run / train.BEST_CHECKPOINT)
+    paths = RunPaths.open(str(run))
+    with pytest.raises(pickle.UnpicklingError):
+        train.load_model(Config(), IMAGES, paths, train.BEST_CHECKPOINT)
+    assert not marker.exists()
+
+
+def test_best_is_restored_when_a_worker_was_lost_before_copying_it(tmp_path):
+    """Rank 0 copies an improved checkpoint to best/ after reporting it; lost in between, the resumed
+    run finds its latest checkpoint is the best and best/ older: keep_best copies it then."""
+    import io
+
+    from raypipe import train
+    from raypipe.storage import RunPaths
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    paths = RunPaths.open(str(run))
+
+    def checkpoint(epoch):
+        buffer = io.BytesIO()
+        torch.save({"model": {}, "epoch": epoch, "best": {"epoch": epoch, "val_accuracy": 0.5}}, buffer)
+        return buffer.getvalue()
+
+    train.keep_best(paths, checkpoint(2), 2)
+    train.keep_best(paths, checkpoint(3), 3)  # the resumed epoch-3 checkpoint, best but never copied
+    assert torch.load(run / train.BEST_CHECKPOINT, weights_only=True)["epoch"] == 3
+    before = (run / train.BEST_CHECKPOINT).stat().st_mtime_ns
+    train.keep_best(paths, checkpoint(3), 3)  # already there: not written again
+    assert (run / train.BEST_CHECKPOINT).stat().st_mtime_ns == before

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from raypipe.storage import RunPaths
@@ -79,6 +80,25 @@ def test_verify_catches_a_changed_file(smoke_run, tmp_path):
     assert RunPaths.open(str(copy)).verify() == ["models/fp32/model.onnx: sha256 does not match the manifest"]
     (copy / "MANIFEST.json").unlink()
     assert "no MANIFEST.json" in RunPaths.open(str(copy)).verify()[0]
+
+
+def test_compressing_a_sealed_run_again_unseals_it_first(smoke_run, tmp_path, monkeypatch):
+    from raypipe import config, pipeline
+
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    paths = RunPaths.open(str(copy))
+    cfg = config.validate(yaml.safe_load((copy / "config.yaml").read_text()))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("compression failed half way")
+
+    monkeypatch.setattr(pipeline.data, "load", lambda paths: {})
+    monkeypatch.setattr(pipeline.compress, "run", fails)
+    with pytest.raises(RuntimeError, match="half way"):
+        pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
+    # No stale manifest vouches for files that a re-compression may have half rewritten.
+    assert not (copy / "MANIFEST.json").exists()
 
 
 def test_stages_one_at_a_time(staged_run):

@@ -324,3 +324,21 @@ def test_serve_refuses_a_run_that_fails_verification(smoke_run, tmp_path):
     assert done.returncode == 2 and "no MANIFEST.json" in done.stderr
     done = raypipe("serve", smoke_run.uri, smoke_run.uri, timeout=120)
     assert done.returncode == 2 and "model name 'digits' is already served" in done.stderr
+
+
+def test_s3_secrets_reach_replicas_by_environment_never_by_app_arguments(bundle, monkeypatch):
+    import pickle
+
+    from raypipe import cli
+    from raypipe.config import S3Config
+    from raypipe.serving.app import ServeArgs, build_app
+
+    secret = "sEcReT-serve-do-not-show"
+    with pytest.raises(ValueError, match="s3"):  # the builder's arguments have no place for them
+        ServeArgs.model_validate({"sources": [str(bundle)], "s3": {"secret_access_key": secret}})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    cli._s3_to_env(S3Config(access_key_id="AKIASERVE", secret_access_key=secret, endpoint_url="http://127.0.0.1:9"))
+    assert __import__("os").environ["AWS_SECRET_ACCESS_KEY"] == secret  # inherited by the embedded Ray
+    app = build_app(ServeArgs(sources=[str(bundle)]))
+    assert secret.encode() not in pickle.dumps(app) and b"AKIASERVE" not in pickle.dumps(app)

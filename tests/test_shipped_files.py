@@ -39,3 +39,15 @@ def test_builder_refuses_an_unsealed_run(tmp_path):
 def test_builder_refuses_unknown_arguments():
     with pytest.raises(ValueError, match="run"):
         ServeArgs.model_validate({"run": "/x", "sources": ["/x"]})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_benchmarks_import_nothing_from_the_tests(path: Path):
+    """A benchmark that imported tests.conftest would inherit its environment (e.g. a faster Ray Train
+    poll) in every later round."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "tests"]

@@ -62,12 +62,32 @@ def test_tabular_sources_clean_with_counts_by_reason(tmp_path, fmt):
     for i, part in enumerate([table.iloc[:100], table.iloc[100:200], table.iloc[200:]]):
         part.to_parquet(source / f"part{i}.parquet") if fmt == "parquet" else part.to_csv(source / f"part{i}.csv", index=False)
     cfg = _config(source=str(source), classes=[0, 1, 2], augment={"ops": ["noise"]})
-    stats = data.build(cfg, 0, _run(tmp_path))
+    paths = _run(tmp_path)
+    stats = data.build(cfg, 0, paths)
     assert stats["format"] == fmt and stats["rows_read"] == len(table) == 314
     assert stats["rows_dropped"] == {"nan": 4, "label": 3, "duplicate": 5, "outlier": stats["rows_dropped"]["outlier"]}
     assert 2 <= stats["rows_dropped"]["outlier"] <= 12  # the two planted ones, plus a few far tails
+    # Every count is taken where its rows are dropped, so they must add up to the rows read.
     assert sum(stats["rows"].values()) == 314 - sum(stats["rows_dropped"].values())
+    kept = np.concatenate([np.stack(pq.read_table(f).column("x").to_numpy(zero_copy_only=False))
+                           for f in sorted(paths.fs.glob(paths.path("data/*/*.parquet")))])
+    assert len(kept) == sum(stats["rows"].values()) and np.abs(kept).max() < 30  # the planted +40 rows are gone
     assert stats["features"] == 5 and stats["num_classes"] == 3 and stats["image_shape"] == [5]
+
+
+def test_a_limit_takes_the_same_rows_on_every_pass(tmp_path):
+    source = tmp_path / "raw"
+    source.mkdir()
+    table = _table()
+    for i in range(6):
+        table.iloc[i * 50:(i + 1) * 50 + 14 * (i == 5)].to_parquet(source / f"part{i}.parquet")
+    cfg = _config(source=str(source), classes=[0, 1, 2], augment={"ops": ["noise"]}, limit=170)
+    paths = _run(tmp_path)
+    stats = data.build(cfg, 0, paths)
+    assert stats["rows_read"] == 170
+    assert sum(stats["rows"].values()) + sum(stats["rows_dropped"].values()) == 170, stats
+    written = [k for split in ("train", "val", "test") for k in _split_keys(paths, split)]
+    assert len(written) == len(set(written)) == sum(stats["rows"].values())
 
 
 def test_split_is_identical_across_runs_and_formats(tmp_path):
@@ -137,6 +157,20 @@ def test_each_image_model_learns_with_two_workers(tmp_path, arch):
     assert max(h["val_accuracy"] for h in history) >= 0.85, history
 
 
+def test_workers_stay_identical_when_accumulation_ends_mid_epoch(tmp_path):
+    """Two workers, 2-step accumulation, and an odd number of micro-batches per epoch: the epoch's last
+    micro-batch must all-reduce, or the workers step on different gradients and drift apart."""
+    cfg = load(None, {"storage.root": str(tmp_path), "data.limit": 300, "data.augment": {"ops": []},
+                      "model.hidden": [16], "train.workers": 2, "train.cpus_per_worker": 0.5,
+                      "train.grad_accum_steps": 2, "train.batch_size": 48, "train.epochs": 2})
+    paths = RunPaths.create(cfg.storage, "accum")
+    stats = data.build(cfg.data, cfg.seed, paths)
+    micro_batches = -(-stats["rows"]["train"] // 2 // 12)  # per worker: its half of the rows, 12 a micro-batch
+    assert micro_batches % 2 == 1, stats["rows"]
+    history = train.fit(cfg, data.load(paths), stats, paths)["history"]
+    assert [h["weights_drift"] for h in history] == [0.0, 0.0], history
+
+
 def test_s3_round_trip(s3_endpoint):
     s3 = S3Config(endpoint_url=s3_endpoint, access_key_id="k", secret_access_key="s", region="us-east-1")
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="k", secret="s")
@@ -165,7 +199,7 @@ def test_s3_round_trip(s3_endpoint):
     assert second["history"][:2] == first["history"] and second["restarts"] == 0
     # Retention: Ray keeps the latest two (train.keep_checkpoints), the best is kept apart.
     kept = sorted(fs.glob(f"{paths.path('checkpoints')}/checkpoint_*/checkpoint.pt"))
-    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=False)["epoch"] for f in kept] == [2, 3]
-    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=False)
+    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=True)["epoch"] for f in kept] == [2, 3]
+    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=True)
     assert second["checkpoint"] == "checkpoints/best/checkpoint.pt" and best["epoch"] == second["best_epoch"]
     assert best["history"][-1]["val_accuracy"] == max(h["val_accuracy"] for h in second["history"])

@@ -48,6 +48,8 @@ def test_a_sigkilled_worker_costs_at_most_one_checkpoint_interval(tmp_path):
     report = json.loads((Path(stdout.strip().splitlines()[-1]) / "report.json").read_text())
     train = report["train"]
     assert train["restarts"] >= 1 and train["epochs"] == 6
+    # The restarted attempt resumed from a checkpoint (two existed at the kill), not from scratch.
+    assert train["start_epochs"][0] == 0 and train["start_epochs"][-1] >= 1, train["start_epochs"]
     assert [h["epoch"] for h in train["history"]] == list(range(1, 7))
     assert max(h["val_accuracy"] for h in train["history"]) > 0.6
     assert report["variants"][0]["test_accuracy"] > 0.6
