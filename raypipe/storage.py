@@ -16,11 +16,14 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from raypipe.config import ConfigError, S3Config, StorageConfig
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 MANIFEST = "MANIFEST.json"
 # The process's umask, read once at import (reading it means setting it, which is not thread-safe later).

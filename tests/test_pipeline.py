@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from raypipe.storage import RunPaths
-from tests.conftest import raypipe
 
 REPORT_KEYS = {"run_id", "versions", "config", "data", "train", "variants", "promoted", "lineage"}
 DATA_KEYS = {"rows_read", "rows_dropped", "rows", "shards", "augmentations"}
