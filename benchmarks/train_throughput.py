@@ -55,10 +55,10 @@ def _config(root: str, rows: int, epochs: int, workers: int, precision: str = "f
 def raypipe_rate(cfg, paths, stats) -> float:
     datasets = data.load(paths)
     datasets["train"] = datasets["train"].materialize()
-    return train.fit(cfg, datasets, stats, paths)["samples_per_second"]
+    return train.fit(cfg, datasets, stats, paths).samples_per_second
 
 
-def _ddp_worker(rank: int, world: int, port: int, x: np.ndarray, y: np.ndarray, stats: dict, cfg, queue) -> None:
+def _ddp_worker(rank: int, world: int, port: int, x: np.ndarray, y: np.ndarray, stats, cfg, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def _ddp_worker(rank: int, world: int, port: int, x: np.ndarray, y: np.ndarray, 
         began, seen = time.perf_counter(), 0
         for start in range(0, len(xs) - batch + 1, batch):
             # Standardized per batch, as raypipe's ingest does (the stored data stays raw).
-            xb = torch.from_numpy(data.standardize(xs[start : start + batch], stats["standardize"]))
+            xb = torch.from_numpy(data.standardize(xs[start : start + batch], stats.standardize))
             yb = torch.from_numpy(ys[start : start + batch])
             loss = loss_fn(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)

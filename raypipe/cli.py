@@ -181,11 +181,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run}: is sealed (has MANIFEST.json); start a new run to train again")
     from raypipe import data
 
-    data.check_settings_fit(cfg, paths.read_json("data/stats.json")["image_shape"], args.run)
+    from raypipe.records import DataStats
+
+    stats = DataStats.read(paths, data.STATS)
+    data.check_settings_fit(cfg, stats.image_shape, args.run)
     _init_ray(args.address, cfg, trains=True)
     from raypipe import pipeline
 
-    pipeline.train_stage(cfg, paths, paths.read_json("data/stats.json"))
+    pipeline.train_stage(cfg, paths, stats)
     _print_last(paths.uri)
     return 0
 
@@ -195,10 +198,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     cfg, paths = _run_config(args)
     if not paths.exists("train.json"):
         raise ConfigError(f"{args.run}: no train.json; run `raypipe train {args.run}` first")
-    _init_ray(args.address, cfg)
-    from raypipe import pipeline
+    from raypipe import data, pipeline
+    from raypipe.records import DataStats, TrainSummary
 
-    pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
+    stats, trained = DataStats.read(paths, data.STATS), TrainSummary.read(paths, pipeline.TRAIN_SUMMARY)
+    _init_ray(args.address, cfg)
+    pipeline.finish(cfg, paths, stats, trained)
     _print_last(paths.uri)
     return 0
 

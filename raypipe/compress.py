@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from raypipe import evaluate, models, train
 from raypipe.config import Config
+from raypipe.records import DataStats, Variant
 from raypipe.storage import RunPaths, sha256_bytes
 
 log = logging.getLogger("raypipe")
@@ -71,49 +71,44 @@ def _rows(dataset: ray.data.Dataset, limit: int) -> np.ndarray:
     return np.concatenate([b["x"] for b in batches]).astype(np.float32)
 
 
-def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], stats: dict[str, Any],
-        paths: RunPaths) -> list[dict[str, Any]]:
+def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], stats: DataStats,
+        paths: RunPaths) -> list[Variant]:
     """Build, evaluate, guard and store every variant; returns their records (meta.json contents)."""
     model = models.with_standardize(train.load_model(cfg, stats, paths, checkpoint), stats)
-    artifacts = {"fp32": export_onnx(model, stats["features"])}
+    artifacts = {"fp32": export_onnx(model, stats.features)}
     calibration = _rows(datasets["train"], cfg.compress.calibration_rows)
     if cfg.compress.int8:
         artifacts["int8"] = quantize_int8(artifacts["fp32"], calibration)
 
-    variants = []
-    for name, blob in artifacts.items():
-        record = {
-            "name": name,
-            "format": "onnx",
-            "uri": paths.child_uri(f"models/{name}/model.onnx"),
-            "sha256": sha256_bytes(blob),
-            "size_bytes": len(blob),
-            "test_accuracy": evaluate.accuracy(blob, datasets["test"]),
-            "latency_ms": evaluate.latency_ms(blob, calibration[:1], cfg.compress.latency_repeats),
-        }
-        variants.append(record)
+    variants = [
+        Variant(name=name, format="onnx", uri=paths.child_uri(f"models/{name}/model.onnx"), sha256=sha256_bytes(blob),
+                size_bytes=len(blob), test_accuracy=evaluate.accuracy(blob, datasets["test"]),
+                latency_ms=evaluate.latency_ms(blob, calibration[:1], cfg.compress.latency_repeats),
+                input=INPUT, output=OUTPUT)
+        for name, blob in artifacts.items()
+    ]
     guard(variants, cfg.compress.max_accuracy_drop)
-    for record, blob in zip(variants, artifacts.values()):
-        paths.write_bytes(f"models/{record['name']}/model.onnx", blob)
-        paths.write_json(f"models/{record['name']}/meta.json", record | {"input": INPUT, "output": OUTPUT})
-        log.info("compress: %s %.1f KiB, test accuracy %.4f, %s", record["name"], record["size_bytes"] / 1024,
-                 record["test_accuracy"], "accepted" if record["accepted"] else f"rejected: {record['reason']}")
+    for variant, blob in zip(variants, artifacts.values()):
+        paths.write_bytes(f"models/{variant.name}/model.onnx", blob)
+        variant.write(paths, f"models/{variant.name}/meta.json")
+        log.info("compress: %s %.1f KiB, test accuracy %.4f, %s", variant.name, variant.size_bytes / 1024,
+                 variant.test_accuracy, "accepted" if variant.accepted else f"rejected: {variant.reason}")
     return variants
 
 
-def guard(variants: list[dict[str, Any]], max_drop: float) -> None:
+def guard(variants: list[Variant], max_drop: float) -> None:
     """Mark each variant accepted or rejected against the fp32 baseline's test accuracy."""
-    baseline = next(v for v in variants if v["name"] == "fp32")["test_accuracy"]
+    baseline = next(v for v in variants if v.name == "fp32").test_accuracy
     for variant in variants:
-        drop = baseline - variant["test_accuracy"]
-        variant["accepted"] = drop <= max_drop + 1e-12
-        variant["reason"] = (
-            "baseline" if variant["name"] == "fp32"
-            else f"accuracy drop {drop:.4f} <= {max_drop}" if variant["accepted"]
+        drop = baseline - variant.test_accuracy
+        variant.accepted = drop <= max_drop + 1e-12
+        variant.reason = (
+            "baseline" if variant.name == "fp32"
+            else f"accuracy drop {drop:.4f} <= {max_drop}" if variant.accepted
             else f"accuracy drop {drop:.4f} exceeds compress.max_accuracy_drop {max_drop}"
         )
 
 
-def promote(variants: list[dict[str, Any]]) -> str:
+def promote(variants: list[Variant]) -> str:
     """The smallest accepted variant (fp32 is always accepted)."""
-    return min((v for v in variants if v["accepted"]), key=lambda v: v["size_bytes"])["name"]
+    return min((v for v in variants if v.accepted), key=lambda v: v.size_bytes).name

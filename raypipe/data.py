@@ -30,11 +30,13 @@ import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raypipe.config import AugmentConfig, Config, ConfigError, DataConfig, OutlierConfig, S3Config
+from raypipe.records import DataStats, Standardize
 from raypipe.storage import RunPaths, arrow_filesystem, filesystem, strip_scheme
 
 log = logging.getLogger("raypipe")
 
 SPLITS = ("train", "val", "test")
+STATS = "data/stats.json"
 OUTLIER = "outlier"  # the partition outliers are written to, counted and removed
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 Batch = dict[str, np.ndarray]
@@ -310,7 +312,7 @@ def moments(batch: Batch) -> Batch:
     return {"n": np.array([len(x)]), "sum": x.sum(axis=0)[None], "sumsq": (x * x).sum(axis=0)[None]}
 
 
-def combine_moments(parts: list[Batch], per: str, image_shape: list[int]) -> dict[str, list[float]]:
+def combine_moments(parts: list[Batch], per: str, image_shape: list[int]) -> Standardize:
     """Mean and std per feature from per-batch moments; `per="channel"` pools each image channel's
     pixels (the usual choice for images: a rarely-lit border pixel would otherwise get a tiny std and
     blow up its inputs). Returned per feature either way, ready to subtract and divide."""
@@ -326,14 +328,14 @@ def combine_moments(parts: list[Batch], per: str, image_shape: list[int]) -> dic
     std = np.sqrt(np.maximum(totalsq / n - mean * mean, 0.0))
     # A constant feature would divide by zero: leave its scale alone.
     std = np.where(std < 1e-6, 1.0, std)
-    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+    return Standardize(mean=mean.astype(np.float32).tolist(), std=std.astype(np.float32).tolist())
 
 
-def standardize(x: np.ndarray, stats: dict[str, list[float]]) -> np.ndarray:
+def standardize(x: np.ndarray, stats: Standardize) -> np.ndarray:
     """(x - mean) / std with the train split's statistics (the exported model does the same)."""
     out = np.array(x, dtype=np.float32)
-    np.subtract(out, np.asarray(stats["mean"], np.float32), out=out)
-    np.divide(out, np.asarray(stats["std"], np.float32), out=out)
+    np.subtract(out, np.asarray(stats.mean, np.float32), out=out)
+    np.divide(out, np.asarray(stats.std, np.float32), out=out)
     return out
 
 
@@ -432,17 +434,17 @@ class IngestCollate(NumpyBatchCollateFn):
 
     Ray Data calls it in its prefetch threads, so it overlaps the training step."""
 
-    def __init__(self, stats: dict[str, Any], augment_cfg: AugmentConfig | None, seed: int, epoch: int):
+    def __init__(self, stats: DataStats, augment_cfg: AugmentConfig | None, seed: int, epoch: int):
         self.stats, self.augment_cfg, self.seed, self.epoch = stats, augment_cfg, seed, epoch
 
     def __call__(self, batch: Batch):
         import torch
 
         if self.augment_cfg and self.augment_cfg.ops:
-            x = augment(batch, self.augment_cfg, self.stats["image_shape"], self.seed, self.epoch)
+            x = augment(batch, self.augment_cfg, self.stats.image_shape, self.seed, self.epoch)
         else:
             x = np.asarray(batch["x"])
-        x = standardize(x, self.stats["standardize"])
+        x = standardize(x, self.stats.standardize)
         # Labels are copied: Ray hands out read-only views of its Arrow buffers, which torch warns about.
         return torch.from_numpy(x), torch.tensor(batch["label"], dtype=torch.int64)
 
@@ -462,7 +464,7 @@ def _sorted_labels(labels: np.ndarray) -> list[str]:
     return sorted(unique, key=int) if all(s.lstrip("-").isdigit() for s in unique) else unique
 
 
-def build(cfg: DataConfig, seed: int, paths: RunPaths, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(cfg: DataConfig, seed: int, paths: RunPaths, info: dict[str, Any] | None = None) -> DataStats:
     """Read, clean, split and write the data set under `<run>/data/`; returns the statistics."""
     from ray.data.expressions import col
 
@@ -498,21 +500,13 @@ def build(cfg: DataConfig, seed: int, paths: RunPaths, info: dict[str, Any] | No
         if count == 0:
             raise ValueError(f"data: the {split} split is empty; use more rows or a larger data.split")
     train_moments = load_split(paths, "train").map_batches(moments).iter_batches(batch_size=None, batch_format="numpy")
-    stats = {
-        "source": info["source"],
-        "format": info["format"],
-        "features": info["features"],
-        "image_shape": info["image_shape"],
-        "classes": classes,
-        "num_classes": len(classes),
-        "rows_read": rows_read,
-        "rows_dropped": dropped,
-        "rows": rows,
-        "shards": shards,
-        "augmentations": list(cfg.augment.ops),
-        "standardize": combine_moments(list(train_moments), cfg.standardize, info["image_shape"]),
-    }
-    paths.write_json("data/stats.json", stats)
+    stats = DataStats(
+        source=info["source"], format=info["format"], features=info["features"], image_shape=info["image_shape"],
+        classes=classes, num_classes=len(classes), rows_read=rows_read, rows_dropped=dropped, rows=rows,
+        shards=shards, augmentations=list(cfg.augment.ops),
+        standardize=combine_moments(list(train_moments), cfg.standardize, info["image_shape"]),
+    )
+    stats.write(paths, STATS)
     return stats
 
 

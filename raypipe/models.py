@@ -7,12 +7,11 @@ takes raw inputs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from raypipe.config import ModelConfig
+from raypipe.records import DataStats
 
 
 class Standardize(nn.Module):
@@ -81,16 +80,15 @@ def _resnet(cfg: ModelConfig, image_shape: list[int], classes: int) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def build(cfg: ModelConfig, stats: dict[str, Any]) -> nn.Module:
+def build(cfg: ModelConfig, stats: DataStats) -> nn.Module:
     """The network for `model.arch`, sized for the data set described by `data/stats.json`."""
-    classes = stats["num_classes"]
     if cfg.arch == "mlp":
-        return _mlp(cfg, stats["features"], classes)
-    if len(stats["image_shape"]) != 3:
+        return _mlp(cfg, stats.features, stats.num_classes)
+    if not stats.is_image():
         raise ValueError(f"model.arch {cfg.arch} needs image data; this data set has flat features")
-    return (_cnn if cfg.arch == "cnn" else _resnet)(cfg, stats["image_shape"], classes)
+    return (_cnn if cfg.arch == "cnn" else _resnet)(cfg, stats.image_shape, stats.num_classes)
 
 
-def with_standardize(model: nn.Module, stats: dict[str, Any]) -> nn.Module:
+def with_standardize(model: nn.Module, stats: DataStats) -> nn.Module:
     """The model taking raw inputs: the train split's standardization as a fixed first layer."""
-    return nn.Sequential(Standardize(**stats["standardize"]), model).eval()
+    return nn.Sequential(Standardize(mean=stats.standardize.mean, std=stats.standardize.std), model).eval()

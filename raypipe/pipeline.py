@@ -13,9 +13,11 @@ import yaml
 
 from raypipe import compress, data, report, train
 from raypipe.config import Config
+from raypipe.records import DataStats, TrainSummary
 from raypipe.storage import RunPaths
 
 log = logging.getLogger("raypipe")
+TRAIN_SUMMARY = "train.json"
 
 
 def run(cfg: Config, source: dict[str, Any] | None = None) -> RunPaths:
@@ -41,21 +43,21 @@ def write_config(cfg: Config, paths: RunPaths) -> None:
     paths.write_bytes("config.yaml", yaml.safe_dump(cfg.public_dict(), sort_keys=False).encode())
 
 
-def train_stage(cfg: Config, paths: RunPaths, stats: dict[str, Any]) -> dict[str, Any]:
+def train_stage(cfg: Config, paths: RunPaths, stats: DataStats) -> TrainSummary:
     """Train on the run's data; the summary is kept as train.json for the later stages."""
     write_config(cfg, paths)
     trained = train.fit(cfg, data.load(paths), stats, paths)
-    paths.write_json("train.json", trained)
+    trained.write(paths, TRAIN_SUMMARY)
     return trained
 
 
-def finish(cfg: Config, paths: RunPaths, stats: dict[str, Any], trained: dict[str, Any]) -> None:
+def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary) -> None:
     """Compress, evaluate and guard the variants, write the report, then seal the run (unsealed first, when
     it is compressed again)."""
     paths.unseal()
-    variants = compress.run(cfg, trained["checkpoint"], data.load(paths), stats, paths)
+    variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths)
     promoted = compress.promote(variants)
-    hashes = paths.hashes(["data/", trained["checkpoint"]])  # hashed once: for the lineage and the manifest
+    hashes = paths.hashes(["data/", trained.checkpoint])  # hashed once: for the lineage and the manifest
     report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))
     paths.seal(known=hashes)
     log.info("run complete: promoted %s", promoted)

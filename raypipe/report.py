@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from raypipe.records import DataStats, TrainSummary, Variant  # noqa: E402
 from raypipe.storage import RunPaths, sha256_bytes  # noqa: E402
 
 
@@ -18,8 +19,8 @@ def versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in ("raypipe", "ray", "torch", "onnxruntime")}
 
 
-def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any], trained: dict[str, Any],
-          variants: list[dict[str, Any]], promoted: str, hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
+def build(paths: RunPaths, public_config: dict[str, Any], stats: DataStats, trained: TrainSummary,
+          variants: list[Variant], promoted: str, hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
     """The report.json document; every field is described in the README. `hashes` holds (sha256, size) of
     the data files and the checkpoint, which the manifest reuses."""
     # One digest for the whole data set: over each file's path and sha256, in path order.
@@ -30,33 +31,18 @@ def build(paths: RunPaths, public_config: dict[str, Any], stats: dict[str, Any],
         "uri": paths.uri,
         "versions": versions(),
         "config": public_config,
-        "data": {
-            "source": stats["source"],
-            "rows_read": stats["rows_read"],
-            "rows_dropped": stats["rows_dropped"],
-            "rows": stats["rows"],
-            "shards": stats["shards"],
-            "augmentations": stats["augmentations"],
-        },
+        "data": stats.model_dump(include={"source", "rows_read", "rows_dropped", "rows", "shards", "augmentations"}),
         "train": {
-            "workers": trained["workers"],
-            "device": trained["device"],
-            "precision": trained["precision"],
-            "epochs": len(trained["history"]),
-            "history": trained["history"],
-            "samples_per_second": trained["samples_per_second"],
-            "restarts": trained["restarts"],
-            "resizes": trained["resizes"],
-            "start_epochs": trained["start_epochs"],
-            "checkpoint": paths.child_uri(trained["checkpoint"]),
-            "best_epoch": trained["best_epoch"],
+            **trained.model_dump(mode="json", exclude={"checkpoint", "best_val_accuracy"}),
+            "epochs": len(trained.history),
+            "checkpoint": paths.child_uri(trained.checkpoint),
         },
-        "variants": variants,
+        "variants": [v.model_dump(mode="json") for v in variants],
         "promoted": promoted,
         "lineage": {
             "dataset": dataset_sha,
-            "checkpoint": hashes[trained["checkpoint"]][0],
-            "artifacts": {v["name"]: v["sha256"] for v in variants},
+            "checkpoint": hashes[trained.checkpoint][0],
+            "artifacts": {v.name: v.sha256 for v in variants},
         },
     }
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from raypipe import data, models
 from raypipe.config import Config, TrainConfig
+from raypipe.records import DataStats, TrainSummary
 from raypipe.storage import RunPaths
 
 log = logging.getLogger("raypipe")
@@ -141,7 +142,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = max(1, math.ceil(stats["rows"]["train"] / (micro_batch * world * tcfg.grad_accum_steps)))
+    steps_per_epoch = max(1, math.ceil(stats.rows["train"] / (micro_batch * world * tcfg.grad_accum_steps)))
     rates = []
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
@@ -254,7 +255,7 @@ def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
     )
 
 
-def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> dict[str, Any]:
+def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths) -> TrainSummary:
     """Train on the run's data; returns history, throughput, restarts and the best checkpoint's path.
 
     Ray Train resumes by itself from the latest checkpoint under `<run>/checkpoints/`: after a worker
@@ -275,10 +276,10 @@ def fit(cfg: Config, datasets: dict, stats: dict[str, Any], paths: RunPaths) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    summary = dict(trainer.fit().return_value) | ray.get(attempts.summary.remote())
-    summary["checkpoint"] = BEST_CHECKPOINT
-    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary["best_epoch"],
-             summary["best_val_accuracy"])
+    summary = TrainSummary(**trainer.fit().return_value, **ray.get(attempts.summary.remote()),
+                           checkpoint=BEST_CHECKPOINT)
+    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary.best_epoch,
+             summary.best_val_accuracy)
     return summary
 
 
@@ -291,7 +292,7 @@ def keep_best(paths: RunPaths, checkpoint: bytes, epoch: int) -> None:
     paths.write_bytes(BEST_CHECKPOINT, checkpoint)
 
 
-def load_model(cfg: Config, stats: dict[str, Any], paths: RunPaths, checkpoint: str) -> nn.Module:
+def load_model(cfg: Config, stats: DataStats, paths: RunPaths, checkpoint: str) -> nn.Module:
     """The trained fp32 model from a checkpoint file in the run, in eval mode."""
     state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=True, map_location="cpu")
     model = models.build(cfg.model, stats)

@@ -21,9 +21,23 @@ import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def data_stats(image_shape: list[int], mean: float | list[float], std: float | list[float],
+               num_classes: int = 10):
+    """A DataStats for a model of that input, as the data stage would describe it (counts left at 0)."""
+    from raypipe.records import DataStats, Standardize
+
+    features = int(np.prod(image_shape))
+    mean = mean if isinstance(mean, list) else [mean] * features
+    std = std if isinstance(std, list) else [std] * features
+    return DataStats(source="test", format="test", features=features, image_shape=image_shape,
+                     classes=[str(i) for i in range(num_classes)], num_classes=num_classes, rows_read=0,
+                     rows_dropped={}, rows={}, shards={}, augmentations=[], standardize=Standardize(mean=mean, std=std))
 
 
 def free_port() -> int:

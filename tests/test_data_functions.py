@@ -7,6 +7,7 @@ from sklearn.datasets import load_digits
 
 from raypipe import data, datagen, models
 from raypipe.config import AugmentConfig, ModelConfig, OutlierConfig
+from tests.conftest import data_stats
 
 SHAPE = [1, 8, 8]
 
@@ -73,15 +74,15 @@ def test_statistics_per_channel_and_per_feature():
     x = _digits(200)["x"]
     parts = [data.moments({"x": x[:120]}), data.moments({"x": x[120:]})]
     per_feature = data.combine_moments(parts, "feature", SHAPE)
-    assert np.allclose(per_feature["mean"], x.mean(axis=0), atol=1e-4)
+    assert np.allclose(per_feature.mean, x.mean(axis=0), atol=1e-4)
     constant = x.std(axis=0) < 1e-6
-    assert np.allclose(np.array(per_feature["std"])[~constant], x.std(axis=0)[~constant], atol=1e-3)
-    assert (np.array(per_feature["std"])[constant] == 1.0).all()
+    assert np.allclose(np.array(per_feature.std)[~constant], x.std(axis=0)[~constant], atol=1e-3)
+    assert (np.array(per_feature.std)[constant] == 1.0).all()
     per_channel = data.combine_moments(parts, "channel", SHAPE)
-    assert np.allclose(per_channel["mean"], x.mean(), atol=1e-4) and np.allclose(per_channel["std"], x.std(), atol=1e-3)
+    assert np.allclose(per_channel.mean, x.mean(), atol=1e-4) and np.allclose(per_channel.std, x.std(), atol=1e-3)
     rgb = _images(40)["x"]
     stats = data.combine_moments([data.moments({"x": rgb})], "channel", [3, 32, 32])
-    means = np.array(stats["mean"]).reshape(3, -1)
+    means = np.array(stats.mean).reshape(3, -1)
     assert np.allclose(means[:, 0], rgb.reshape(40, 3, -1).mean(axis=(0, 2)), atol=1e-3)
     assert (means == means[:, :1]).all()
 
@@ -123,11 +124,11 @@ def test_augmentation_keeps_digits_recognisable():
 
 def test_exported_standardize_matches_the_ingest():
     batch = _digits(16)
-    stats = {"features": 64, "num_classes": 10, "image_shape": SHAPE,
-             "standardize": data.combine_moments([data.moments(batch)], "channel", SHAPE)}
+    fitted = data.combine_moments([data.moments(batch)], "channel", SHAPE)
+    stats = data_stats(SHAPE, mean=fitted.mean, std=fitted.std)
     net = models.build(ModelConfig(hidden=[8]), stats).eval()
     with torch.no_grad():
-        trained_on = net(torch.from_numpy(data.standardize(batch["x"], stats["standardize"])))
+        trained_on = net(torch.from_numpy(data.standardize(batch["x"], stats.standardize)))
         served = models.with_standardize(net, stats)(torch.from_numpy(batch["x"]))
     assert torch.allclose(trained_on, served, atol=1e-5)
     x, y = data.IngestCollate(stats, None, 0, 0)({"x": batch["x"], "label": batch["label"]})

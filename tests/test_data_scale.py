@@ -29,8 +29,8 @@ def test_streams_past_the_object_store(tmp_path):
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = data.build(cfg, 0, paths, data.inspect_source(cfg))
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-    assert stats["rows_read"] == ROWS and stats["image_shape"] == [3, 32, 32]
-    assert sum(stats["rows"].values()) == ROWS - stats["rows_dropped"]["duplicate"]
-    assert stats["shards"]["train"] >= 4
+    assert stats.rows_read == ROWS and stats.image_shape == [3, 32, 32]
+    assert sum(stats.rows.values()) == ROWS - stats.rows_dropped["duplicate"]
+    assert stats.shards["train"] >= 4
     # The driver held keys and labels, never the pixels (293 MiB).
     assert grown_mib < 150, grown_mib

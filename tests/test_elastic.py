@@ -60,11 +60,11 @@ def test_elastic_run_grows_when_a_node_joins(cluster, tmp_path):
     assert not trainer.is_alive() and "error" not in outcome, outcome
 
     summary = outcome["summary"]
-    workers = [h["workers"] for h in summary["history"]]
+    workers = [h.workers for h in summary.history]
     assert workers[0] == 1 and workers[-1] == 2, workers
-    assert summary["resizes"] >= 1 and summary["workers"] == 2
-    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
-    assert [h["epoch"] for h in summary["history"]] == list(range(1, 21))
+    assert summary.resizes >= 1 and summary.workers == 2
+    assert summary.history[-1].train_loss < summary.history[0].train_loss
+    assert [h.epoch for h in summary.history] == list(range(1, 21))
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
 
 

@@ -8,9 +8,9 @@ from raypipe import compress, models
 from raypipe.config import ModelConfig
 from raypipe.predict import OnnxModel
 from raypipe.train import lr_factor, resolve_precision
+from tests.conftest import data_stats
 
-IMAGES = {"features": 3 * 32 * 32, "num_classes": 10, "image_shape": [3, 32, 32],
-          "standardize": {"mean": [120.0] * 3072, "std": [60.0] * 3072}}
+IMAGES = data_stats([3, 32, 32], mean=120.0, std=60.0)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet"])
@@ -37,7 +37,7 @@ def test_every_arch_trains_a_step_and_exports(arch):
 
 def test_image_archs_refuse_flat_features():
     with pytest.raises(ValueError, match="needs image data"):
-        models.build(ModelConfig(arch="resnet"), {"features": 5, "num_classes": 2, "image_shape": [5]})
+        models.build(ModelConfig(arch="resnet"), data_stats([5], mean=0.0, std=1.0, num_classes=2))
 
 
 def test_auto_precision():

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raypipe.records import DataStats, TrainSummary
 from raypipe.storage import RunPaths
+from tests.conftest import raypipe
 
 REPORT_KEYS = {"run_id", "versions", "config", "data", "train", "variants", "promoted", "lineage"}
 DATA_KEYS = {"rows_read", "rows_dropped", "rows", "shards", "augmentations"}
@@ -95,9 +97,20 @@ def test_compressing_a_sealed_run_again_unseals_it_first(smoke_run, tmp_path, mo
     monkeypatch.setattr(pipeline.data, "load", lambda paths: {})
     monkeypatch.setattr(pipeline.compress, "run", fails)
     with pytest.raises(RuntimeError, match="half way"):
-        pipeline.finish(cfg, paths, paths.read_json("data/stats.json"), paths.read_json("train.json"))
+        pipeline.finish(cfg, paths, DataStats.read(paths, "data/stats.json"), TrainSummary.read(paths, "train.json"))
     # No stale manifest vouches for files that a re-compression may have half rewritten.
     assert not (copy / "MANIFEST.json").exists()
+
+
+def test_a_stage_record_that_does_not_fit_is_refused_naming_file_and_field(smoke_run, tmp_path):
+    copy = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, copy)
+    summary = json.loads((copy / "train.json").read_text())
+    summary["best_checkpoint"] = summary.pop("checkpoint")  # a renamed key
+    (copy / "train.json").write_text(json.dumps(summary))
+    done = raypipe("compress", str(copy), timeout=120)
+    assert done.returncode == 2 and "train.json: checkpoint: Field required" in done.stderr, done.stderr[-2000:]
+    assert "ray: starting" not in done.stderr
 
 
 def test_stages_one_at_a_time(staged_run):

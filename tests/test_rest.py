@@ -14,9 +14,9 @@ from raypipe.serving.catalog import Catalog, ModelSpec, VersionSpec
 from raypipe.serving.edge import EdgeBackend
 from raypipe.serving.rest import make_app
 from raypipe.storage import sha256_bytes
+from tests.conftest import data_stats
 
-STATS = {"features": 64, "num_classes": 10, "image_shape": [1, 8, 8],
-         "standardize": {"mean": [4.0] * 64, "std": [6.0] * 64}}
+STATS = data_stats([1, 8, 8], mean=4.0, std=6.0)
 
 
 def _spec(name: str, blob: bytes, folder) -> ModelSpec:

@@ -64,15 +64,15 @@ def test_tabular_sources_clean_with_counts_by_reason(tmp_path, fmt):
     cfg = _config(source=str(source), classes=[0, 1, 2], augment={"ops": ["noise"]})
     paths = _run(tmp_path)
     stats = data.build(cfg, 0, paths)
-    assert stats["format"] == fmt and stats["rows_read"] == len(table) == 314
-    assert stats["rows_dropped"] == {"nan": 4, "label": 3, "duplicate": 5, "outlier": stats["rows_dropped"]["outlier"]}
-    assert 2 <= stats["rows_dropped"]["outlier"] <= 12  # the two planted ones, plus a few far tails
+    assert stats.format == fmt and stats.rows_read == len(table) == 314
+    assert stats.rows_dropped == {"nan": 4, "label": 3, "duplicate": 5, "outlier": stats.rows_dropped["outlier"]}
+    assert 2 <= stats.rows_dropped["outlier"] <= 12  # the two planted ones, plus a few far tails
     # Every count is taken where its rows are dropped, so they must add up to the rows read.
-    assert sum(stats["rows"].values()) == 314 - sum(stats["rows_dropped"].values())
+    assert sum(stats.rows.values()) == 314 - sum(stats.rows_dropped.values())
     kept = np.concatenate([np.stack(pq.read_table(f).column("x").to_numpy(zero_copy_only=False))
                            for f in sorted(paths.fs.glob(paths.path("data/*/*.parquet")))])
-    assert len(kept) == sum(stats["rows"].values()) and np.abs(kept).max() < 30  # the planted +40 rows are gone
-    assert stats["features"] == 5 and stats["num_classes"] == 3 and stats["image_shape"] == [5]
+    assert len(kept) == sum(stats.rows.values()) and np.abs(kept).max() < 30  # the planted +40 rows are gone
+    assert stats.features == 5 and stats.num_classes == 3 and stats.image_shape == [5]
 
 
 def test_a_limit_takes_the_same_rows_on_every_pass(tmp_path):
@@ -84,10 +84,10 @@ def test_a_limit_takes_the_same_rows_on_every_pass(tmp_path):
     cfg = _config(source=str(source), classes=[0, 1, 2], augment={"ops": ["noise"]}, limit=170)
     paths = _run(tmp_path)
     stats = data.build(cfg, 0, paths)
-    assert stats["rows_read"] == 170
-    assert sum(stats["rows"].values()) + sum(stats["rows_dropped"].values()) == 170, stats
+    assert stats.rows_read == 170
+    assert sum(stats.rows.values()) + sum(stats.rows_dropped.values()) == 170, stats
     written = [k for split in ("train", "val", "test") for k in _split_keys(paths, split)]
-    assert len(written) == len(set(written)) == sum(stats["rows"].values())
+    assert len(written) == len(set(written)) == sum(stats.rows.values())
 
 
 def test_split_is_identical_across_runs_and_formats(tmp_path):
@@ -117,13 +117,13 @@ def test_digits_with_planted_problems(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "read_source", read)
     cfg = _config()
     stats = data.build(cfg, 0, _run(tmp_path))
-    assert stats["rows_read"] == 308
-    assert stats["rows_dropped"] == {"nan": 3, "label": 0, "duplicate": 5, "outlier": 0}
-    assert sum(stats["rows"].values()) == 300
+    assert stats.rows_read == 308
+    assert stats.rows_dropped == {"nan": 3, "label": 0, "duplicate": 5, "outlier": 0}
+    assert sum(stats.rows.values()) == 300
     train = np.concatenate([np.stack(pq.read_table(p).column("x").to_numpy(zero_copy_only=False))
                             for p in (tmp_path / "runs").glob("*/data/train/*.parquet")])
     # Standardization was fitted on the train split only (per channel: one mean for all pixels).
-    assert np.allclose(stats["standardize"]["mean"][0], train.mean(), atol=1e-3)
+    assert np.allclose(stats.standardize.mean[0], train.mean(), atol=1e-3)
 
 
 def test_image_folder_source(tmp_path):
@@ -131,9 +131,9 @@ def test_image_folder_source(tmp_path):
     datagen.generate(str(folder), rows=120, shape=(16, 16, 3), classes=3, fmt="images")
     assert sorted(p.name for p in folder.iterdir()) == ["class_0", "class_1", "class_2"]
     stats = data.build(_config(source=str(folder), augment={"ops": ["crop", "flip"]}), 0, _run(tmp_path))
-    assert stats["format"] == "images" and stats["image_shape"] == [3, 16, 16]
-    assert stats["classes"] == ["class_0", "class_1", "class_2"] and sum(stats["rows"].values()) == 120
-    assert stats["rows_dropped"]["outlier"] == 0
+    assert stats.format == "images" and stats.image_shape == [3, 16, 16]
+    assert stats.classes == ["class_0", "class_1", "class_2"] and sum(stats.rows.values()) == 120
+    assert stats.rows_dropped["outlier"] == 0
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
@@ -152,9 +152,9 @@ def test_each_image_model_learns_with_two_workers(tmp_path, arch):
     paths = RunPaths.create(cfg.storage, arch)
     stats = data.build(cfg.data, cfg.seed, paths)
     summary = train.fit(cfg, data.load(paths), stats, paths)
-    history = summary["history"]
-    assert summary["workers"] == 2 and history[-1]["train_loss"] < history[0]["train_loss"] / 2
-    assert max(h["val_accuracy"] for h in history) >= 0.85, history
+    history = summary.history
+    assert summary.workers == 2 and history[-1].train_loss < history[0].train_loss / 2
+    assert max(h.val_accuracy for h in history) >= 0.85, history
 
 
 def test_workers_stay_identical_when_accumulation_ends_mid_epoch(tmp_path):
@@ -165,10 +165,10 @@ def test_workers_stay_identical_when_accumulation_ends_mid_epoch(tmp_path):
                       "train.grad_accum_steps": 2, "train.batch_size": 48, "train.epochs": 2})
     paths = RunPaths.create(cfg.storage, "accum")
     stats = data.build(cfg.data, cfg.seed, paths)
-    micro_batches = -(-stats["rows"]["train"] // 2 // 12)  # per worker: its half of the rows, 12 a micro-batch
-    assert micro_batches % 2 == 1, stats["rows"]
-    history = train.fit(cfg, data.load(paths), stats, paths)["history"]
-    assert [h["weights_drift"] for h in history] == [0.0, 0.0], history
+    micro_batches = -(-stats.rows["train"] // 2 // 12)  # per worker: its half of the rows, 12 a micro-batch
+    assert micro_batches % 2 == 1, stats.rows
+    history = train.fit(cfg, data.load(paths), stats, paths).history
+    assert [h.weights_drift for h in history] == [0.0, 0.0], history
 
 
 def test_s3_round_trip(s3_endpoint):
@@ -180,13 +180,13 @@ def test_s3_round_trip(s3_endpoint):
     cfg = _config(source="s3://raw-data/synth", shard_mb=0.01)  # about 50 rows a shard
     paths = RunPaths.create(StorageConfig(root="s3://raw-data/runs", s3=s3), "s3run")
     stats = data.build(cfg, 0, paths, data.inspect_source(cfg, s3))
-    assert stats["image_shape"] == [3, 8, 8] and stats["rows_read"] == 400
+    assert stats.image_shape == [3, 8, 8] and stats.rows_read == 400
     shards = {split: fs.glob(f"{paths.path('data')}/{split}/*.parquet") for split in data.SPLITS}
     assert all(shards.values()) and len(shards["train"]) >= 2
     back = {split: sum(pq.read_metadata(f, filesystem=paths.arrow_fs).num_rows for f in files)
             for split, files in shards.items()}
-    assert back == stats["rows"] and sum(back.values()) == 400 - stats["rows_dropped"]["duplicate"]
-    assert paths.read_json("data/stats.json") == stats
+    assert back == stats.rows and sum(back.values()) == 400 - stats.rows_dropped["duplicate"]
+    assert paths.read_json("data/stats.json") == stats.model_dump(mode="json")
     assert not fs.exists(paths.path("data/_split"))
 
     # Checkpoints go to the same S3 run, and a second fit resumes from the latest one there.
@@ -195,11 +195,11 @@ def test_s3_round_trip(s3_endpoint):
     assert len(fs.glob(f"{paths.path('checkpoints')}/checkpoint_*/checkpoint.pt")) == 2
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})
     second = train.fit(longer, data.load(paths), stats, paths)
-    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
-    assert second["history"][:2] == first["history"] and second["restarts"] == 0
+    assert [h.epoch for h in second.history] == [1, 2, 3]
+    assert second.history[:2] == first.history and second.restarts == 0
     # Retention: Ray keeps the latest two (train.keep_checkpoints), the best is kept apart.
     kept = sorted(fs.glob(f"{paths.path('checkpoints')}/checkpoint_*/checkpoint.pt"))
     assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=True)["epoch"] for f in kept] == [2, 3]
-    best = torch.load(io.BytesIO(paths.read_bytes(second["checkpoint"])), weights_only=True)
-    assert second["checkpoint"] == "checkpoints/best/checkpoint.pt" and best["epoch"] == second["best_epoch"]
-    assert best["history"][-1]["val_accuracy"] == max(h["val_accuracy"] for h in second["history"])
+    best = torch.load(io.BytesIO(paths.read_bytes(second.checkpoint)), weights_only=True)
+    assert second.checkpoint == "checkpoints/best/checkpoint.pt" and best["epoch"] == second.best_epoch
+    assert best["history"][-1]["val_accuracy"] == max(h.val_accuracy for h in second.history)

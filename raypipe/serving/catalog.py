@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from raypipe.config import ConfigError
+from raypipe.records import DataStats, RunReport
 from raypipe.storage import RunPaths, filesystem, read_bytes, sha256_bytes
 
 BUNDLE = "bundle.json"
@@ -96,21 +97,21 @@ def open_run(uri: str, variants: list[str] | None = None) -> ModelSpec:
     problems = paths.verify(["report.json", "data/stats.json"])
     if problems:
         raise ConfigError(f"{paths.uri}: refusing to serve: {problems[0]}")
-    report, stats = paths.read_json("report.json"), paths.read_json("data/stats.json")
+    report, stats = RunReport.read(paths, "report.json"), DataStats.read(paths, "data/stats.json")
     versions = {}
-    for variant in report["variants"]:
-        if not variant["accepted"]:
+    for variant in report.variants:
+        if not variant.accepted:
             continue
-        rel = f"models/{variant['name']}/model.onnx"
+        rel = f"models/{variant.name}/model.onnx"
         entry = manifest.get(rel)
         if entry is None:
             raise ConfigError(f"{paths.uri}: refusing to serve: {rel}: not in the manifest")
-        versions[variant["name"]] = VersionSpec(uri=paths.child_uri(rel), sha256=entry["sha256"],
-                                                size_bytes=entry["size"], test_accuracy=variant["test_accuracy"],
-                                                format=variant["format"])
-    name = report["config"]["name"]
-    promoted, versions = _choose(name, paths.uri, report["promoted"], versions, variants)
-    return ModelSpec(name=name, promoted=promoted, features=stats["features"], classes=stats["num_classes"],
+        versions[variant.name] = VersionSpec(uri=paths.child_uri(rel), sha256=entry["sha256"],
+                                             size_bytes=entry["size"], test_accuracy=variant.test_accuracy,
+                                             format=variant.format)
+    name = report.config["name"]
+    promoted, versions = _choose(name, paths.uri, report.promoted, versions, variants)
+    return ModelSpec(name=name, promoted=promoted, features=stats.features, classes=stats.num_classes,
                      source=paths.uri, versions=versions)
 
 

@@ -1,0 +1,113 @@
+"""What one stage hands the next: typed records beside the Config, validated wherever a run is read.
+
+The data stage writes `DataStats` to data/stats.json, the train stage `TrainSummary` to train.json, the
+compress stage a `Variant` per model to models/<name>/meta.json (and all of them into report.json). A
+later stage reads them back through `read`, so a renamed or missing key fails at the boundary, naming
+the file and the field, not three modules later. No Ray or torch imports here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raypipe.config import ConfigError
+
+if TYPE_CHECKING:
+    from raypipe.storage import RunPaths
+
+R = TypeVar("R", bound="Record")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def read(cls: type[R], paths: RunPaths, rel: str) -> R:
+        """The record stored at `rel` in the run; ConfigError naming the file and field if it does not fit."""
+        try:
+            return cls.model_validate(paths.read_json(rel))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{paths.uri}/{rel}: {where}: {first['msg']}") from None
+
+    def write(self, paths: RunPaths, rel: str) -> None:
+        paths.write_json(rel, self.model_dump(mode="json"))
+
+
+class Standardize(Record):
+    mean: list[float] = Field(description="Per input feature, fitted on the train split.")
+    std: list[float]
+
+
+class DataStats(Record):
+    """data/stats.json: what the data stage found and wrote."""
+
+    source: str
+    format: str
+    features: int = Field(description="Inputs per row (an image's C x H x W).")
+    image_shape: list[int] = Field(description="[C, H, W] for images, [features] for tabular rows.")
+    classes: list[str]
+    num_classes: int
+    rows_read: int
+    rows_dropped: dict[str, int] = Field(description="By reason: nan, label, duplicate, outlier.")
+    rows: dict[str, int] = Field(description="Per split: train, val, test.")
+    shards: dict[str, int]
+    augmentations: list[str]
+    standardize: Standardize
+
+    def is_image(self) -> bool:
+        return len(self.image_shape) == 3
+
+
+class Epoch(Record):
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    workers: int
+    weights_drift: float = Field(0.0, description="Spread of a weight checksum across workers; 0 in sync.")
+
+
+class TrainSummary(Record):
+    """train.json: what the train stage did; compression reads `checkpoint`."""
+
+    history: list[Epoch]
+    samples_per_second: float | None
+    precision: str
+    device: str
+    workers: int
+    best_epoch: int
+    best_val_accuracy: float
+    restarts: int
+    resizes: int
+    start_epochs: list[int] = Field(default_factory=list, description="The epoch each start of the workers began from.")
+    checkpoint: str = Field(description="The best checkpoint, relative to the run.")
+
+
+class Variant(Record):
+    """models/<name>/meta.json: one compressed (or not) model and the guard's verdict."""
+
+    name: str
+    format: str
+    uri: str
+    sha256: str
+    size_bytes: int
+    test_accuracy: float
+    latency_ms: dict[str, float]
+    accepted: bool = False
+    reason: str = ""
+    input: str = "input"
+    output: str = "logits"
+
+
+class RunReport(Record):
+    """The part of report.json that serving reads (the rest is for people and scripts)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    variants: list[Variant]
+    promoted: str
+    config: dict[str, Any]
