@@ -170,10 +170,13 @@ def test_a_rejected_variant_is_neither_promoted_nor_served(smoke_run, tmp_path):
     from raypipe import compress
     from raypipe.storage import RunPaths
 
-    variants = [{"name": "fp32", "test_accuracy": 0.95, "size_bytes": 200, "accepted": True},
-                {"name": "int8", "test_accuracy": 0.90, "size_bytes": 60, "accepted": True}]
+    from raypipe.records import Variant
+
+    variants = [Variant(name=name, format="onnx", uri=f"/m/{name}", sha256="0" * 64, size_bytes=size,
+                        test_accuracy=accuracy, latency_ms={"batch_1": 0.1, "batch_64": 1.0})
+                for name, accuracy, size in (("fp32", 0.95, 200), ("int8", 0.90, 60))]
     compress.guard(variants, max_drop=0.01)
-    assert [v["accepted"] for v in variants] == [True, False] and "0.05" in variants[1]["reason"]
+    assert [v.accepted for v in variants] == [True, False] and "0.05" in variants[1].reason
     assert compress.promote(variants) == "fp32"  # the smaller variant lost too much
 
     copy = tmp_path / smoke_run.path.name
