@@ -71,6 +71,7 @@ def test_error_statuses(client):
     assert _infer(client, [0] * 64, [64]).status_code == 400
     assert _infer(client, [0] * 64, [0, 64]).status_code == 400
     assert _infer(client, [True] * 64, [1, 64]).status_code == 400
+    assert _infer(client, [True] + [1.5] * 63, [1, 64]).status_code == 400  # not coerced to 1.0
     assert _infer(client, [[0] * 60, [0] * 4], [1, 64]).status_code == 400  # ragged
     assert _infer(client, [None] * 64, [1, 64]).status_code == 400
     assert _infer(client, [0] * 5000 * 64, [5000, 64]).json()["error"].startswith("batch of 5000 rows")

@@ -52,12 +52,14 @@ class CoalescingModel:
                         self.model.predict, np.concatenate([x for x, _ in batch]))
                 except Exception as err:
                     for _, future in batch:
-                        future.set_exception(err)
+                        if not future.done():  # a request whose client went away is cancelled
+                            future.set_exception(err)
                     continue
                 on_call(time.perf_counter_ns() - start)
                 offset = 0
                 for x, future in batch:
-                    future.set_result((labels[offset:offset + len(x)], probabilities[offset:offset + len(x)]))
+                    if not future.done():
+                        future.set_result((labels[offset:offset + len(x)], probabilities[offset:offset + len(x)]))
                     offset += len(x)
         finally:
             self.busy = False

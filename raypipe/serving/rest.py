@@ -120,21 +120,18 @@ def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
 
 
 def _numbers(data: list[Any]) -> np.ndarray:
-    """JSON values as a flat float64 array; booleans, text, nulls and ragged nesting are refused."""
+    """JSON values as a flat float64 array; booleans, text, nulls and ragged nesting are refused (a plain
+    np.array would turn `[true, 1.5]` into numbers)."""
     try:
-        array = np.array(data)
-    except (ValueError, OverflowError):  # ragged nesting
-        raise BadRequest(f"input {INPUT_NAME!r}: data must be numbers, flat or nested row-major") from None
-    if array.dtype.kind not in "iuf":
-        if array.dtype.kind == "O" and _all_numbers(data):  # integers too big for int64
-            return np.full(array.size, np.inf)
-        raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers that fit FP32")
-    return array.ravel()
-
-
-def _all_numbers(data: list[Any]) -> bool:
-    return all(_all_numbers(v) if isinstance(v, list) else
-               isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+        cells = np.array(data, dtype=object).ravel()
+    except ValueError:  # ragged nesting numpy cannot even hold as objects
+        cells = np.array([data], dtype=object)
+    if not set(map(type, cells)) <= {int, float}:  # a list here means ragged nesting
+        raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers that fit FP32, flat or nested row-major")
+    try:
+        return cells.astype(np.float64)
+    except OverflowError:  # an integer beyond float64: not finite as FP32 either
+        return np.full(cells.size, np.inf)
 
 
 def encode(request: InferenceRequest, model: str, version: str, labels: np.ndarray,
