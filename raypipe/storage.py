@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "MANIFEST.json"
 # The process's umask, read once at import (reading it means setting it, which is not thread-safe later).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def filesystem(uri: str, s3: S3Config | None = None) -> fsspec.AbstractFileSystem:
@@ -74,8 +74,8 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a renamed file gets what open() would give
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o666 & ~UMASK)  # mkstemp makes 0600; give what open() would give
             out.write(data)
         os.replace(tmp, target)
     except BaseException:

@@ -128,19 +128,13 @@ def test_a_bad_secret_value_is_named_but_never_echoed(field):
     assert f"storage.s3.{field}" in str(err.value) and "123456789" not in str(err.value)
 
 
-def test_run_files_respect_the_umask(tmp_path):
-    from raypipe.storage import write_bytes
+def test_run_files_respect_the_umask(tmp_path, monkeypatch):
+    from raypipe import storage
 
-    write_bytes(str(tmp_path / "a" / "file.json"), b"{}")
-    assert (tmp_path / "a" / "file.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    import os
-
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        monkeypatch.setattr(storage, "UMASK", umask)
+        storage.write_bytes(str(tmp_path / "a" / f"{umask}.json"), b"{}")
+        assert (tmp_path / "a" / f"{umask}.json").stat().st_mode & 0o777 == mode
 
 
 def test_the_fit_check_counts_the_cpus_ray_will_see(monkeypatch):

@@ -191,3 +191,18 @@ def test_a_rejected_variant_is_neither_promoted_nor_served(smoke_run, tmp_path):
     assert list(open_sources([str(copy)]).models["digits"].versions) == ["fp32"]
     done = raypipe("export", str(copy), "--to", str(tmp_path / "b"), "--variants", "int8", timeout=60)
     assert done.returncode == 2 and "no accepted variant 'int8'" in done.stderr
+
+
+def test_a_bundle_whose_paths_leave_it_is_refused(exported, tmp_path):
+    import shutil
+
+    target, _ = exported
+    copy = tmp_path / "evil"
+    shutil.copytree(target, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["files"]["../escaped.txt"] = {"sha256": bundle.sha256_bytes(b"x"), "size": 1}
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    (tmp_path / "escaped.txt").unlink(missing_ok=True)
+    done = raypipe("edge", str(copy), "--cache", str(tmp_path / "cache" / "inner"), timeout=60)
+    assert done.returncode == 2 and "'../escaped.txt' leaves the bundle" in done.stderr
+    assert not (tmp_path / "cache" / "escaped.txt").exists()

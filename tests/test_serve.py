@@ -287,6 +287,29 @@ def test_a_replica_killed_under_load_costs_only_its_requests_in_flight(server):
     assert replaced <= 10, f"no replacement answered within 10 s of the kill ({replaced:.1f} s)"
 
 
+def test_a_model_file_changed_under_the_server_is_a_503_not_a_500(server, bundle):
+    """A replica loads models lazily and checks each file's sha256 as it does: a file changed after the
+    start is refused when it is (re)loaded, with a 503 for that version while the others keep answering."""
+    target = bundle / "digits/1/model.onnx"  # fp32
+    original = target.read_bytes()
+    target.write_bytes(original[:-10] + b"0123456789")
+    body = _body(np.full((1, 64), 2.0, dtype=np.float32))
+    keys = [(m, v) for m in ("digits", "digits-cnn") for v in requests.get(f"{server.base}/v2/models/{m}").json()["versions"]]
+    try:
+        statuses, rng = collections.Counter(), np.random.default_rng(0)
+        for _ in range(8):  # every version in a shuffled order: with two per replica, fp32 is evicted and reloaded
+            for index in rng.permutation(len(keys)):
+                model, version = keys[index]
+                reply = requests.post(f"{server.base}/v2/models/{model}/versions/{version}/infer", json=body)
+                statuses[(model, version, reply.status_code)] += 1
+                if reply.status_code == 503:
+                    assert "cannot be loaded" in reply.json()["error"]
+        assert statuses[("digits", "fp32", 503)] > 0, statuses
+        assert not [key for key in statuses if key[2] not in (200, 503) or (key[2] == 503 and key[1] != "fp32")]
+    finally:
+        target.write_bytes(original)
+
+
 def test_ctrl_c_drains_requests_in_flight(server, smoke_run):
     """A steady stream of large requests (1,000 rows each) from 8 connections, then Ctrl-C: every
     request sent before it must still be answered 200; later ones may be refused."""

@@ -12,6 +12,7 @@ before Ray starts) each replica serves HTTP on its own port and HAProxy balances
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import weakref
@@ -24,7 +25,7 @@ from ray.serve import Application
 from raypipe.config import ServeConfig
 from raypipe.predict import OnnxModel
 from raypipe.serving.catalog import Catalog, open_sources, read_model
-from raypipe.serving.rest import Stats, make_app
+from raypipe.serving.rest import ModelUnavailable, Stats, make_app
 
 # What `serve.proxy` turns on. Ray reads these once, at import, in every Ray process: they must be in the
 # environment before the head (or the embedded Ray) starts.
@@ -40,6 +41,10 @@ PROXY_ENV = {
     },
     "default": {},
 }
+
+
+log = logging.getLogger("raypipe")
+INLINE_ROWS = 64  # model calls up to this many rows run on the replica's loop; larger ones in a thread
 
 
 class ServeArgs(BaseModel):
@@ -82,7 +87,11 @@ class InferenceServer:
         return self._app
 
     async def infer(self, model: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return await self._predict((f"{model}/{version}", x))
+        result = await self._predict((f"{model}/{version}", x))
+        if isinstance(result, Exception):
+            log.error("serving %s/%s failed: %s", model, version, result)
+            raise ModelUnavailable(f"version {version!r} of {model!r} cannot be loaded or run now; see the server log")
+        return result
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _predict(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -90,13 +99,18 @@ class InferenceServer:
         results: list = [None] * len(requests)
         for key in dict.fromkeys(key for key, _ in requests):
             indexes = [i for i, (k, _) in enumerate(requests) if k == key]
-            model = await self._model(key)
             start = time.perf_counter_ns()
             x = np.concatenate([requests[i][1] for i in indexes])
-            if len(requests) == 1:  # a lone request: nothing to overlap with, so no thread hop either
-                labels, probabilities = model.predict(x)
-            else:  # in a thread: ONNX Runtime releases the GIL, so the loop keeps reading requests
-                labels, probabilities = await asyncio.to_thread(model.predict, x)
+            try:
+                model = await self._model(key)
+                if len(x) <= INLINE_ROWS:  # small: no thread hop (nothing worth overlapping)
+                    labels, probabilities = model.predict(x)
+                else:  # in a thread: ONNX Runtime releases the GIL, so the loop keeps reading requests
+                    labels, probabilities = await asyncio.to_thread(model.predict, x)
+            except Exception as err:  # this model's requests fail alone; the batch's others go on
+                for i in indexes:
+                    results[i] = err
+                continue
             self.stats.execution(*key.split("/", 1), time.perf_counter_ns() - start)
             offset = 0
             for i in indexes:

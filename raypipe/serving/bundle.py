@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 from raypipe.config import ConfigError
-from raypipe.serving.catalog import BUNDLE, BUNDLE_FORMAT, ModelSpec, bundle_digest, open_sources, read_model
-from raypipe.storage import filesystem, read_bytes, sha256_bytes, strip_scheme, write_bytes
+from raypipe.serving.catalog import (BUNDLE, BUNDLE_FORMAT, ModelSpec, bundle_digest, open_sources, read_model,
+                                     safe_path)
+from raypipe.storage import UMASK, filesystem, read_bytes, sha256_bytes, strip_scheme, write_bytes
 
 DEFAULT_CACHE = Path(os.environ.get("RAYPIPE_CACHE", "~/.cache/raypipe")).expanduser() / "bundles"
 
@@ -92,11 +93,17 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pa
     if digest and digest != actual:
         raise ConfigError(f"{uri}/{BUNDLE}: digest {actual} is not the expected {digest}")
     target = cache / actual.removeprefix("sha256:")
-    files = json.loads(manifest)["files"]
+    try:
+        files = json.loads(manifest)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{uri}/{BUNDLE}: not a bundle manifest (no files)") from None
+    for rel in files:
+        safe_path(uri, rel)
     if target.is_dir() and not _problems(target, files):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".pull-"))
+    staging.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; the workers of other users may read the cache
     try:
         for rel, entry in files.items():
             try:
@@ -108,8 +115,15 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pa
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_bytes(blob)
         (staging / BUNDLE).write_bytes(manifest)
-        shutil.rmtree(target, ignore_errors=True)  # a damaged earlier copy
-        os.replace(staging, target)
+        if target.is_dir():  # a damaged earlier copy: set aside, then removed
+            damaged = Path(tempfile.mkdtemp(dir=cache, prefix=".damaged-"))
+            os.replace(target, damaged / "copy")
+            shutil.rmtree(damaged, ignore_errors=True)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process published the same digest first: use its copy if whole
+            if _problems(target, files):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

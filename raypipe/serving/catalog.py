@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raypipe.config import ConfigError
 from raypipe.records import DataStats, RunReport
@@ -120,21 +121,34 @@ def bundle_digest(manifest: bytes) -> str:
     return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
+def safe_path(uri: str, rel: str) -> str:
+    """`rel` if it names a file inside the bundle; a path that climbs out (or is absolute) is refused."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"{uri}/{BUNDLE}: file path {rel!r} leaves the bundle")
+    return rel
+
+
 def open_bundle(uri: str, variants: list[str] | None = None) -> list[ModelSpec]:
     """The models of a bundle written by `raypipe export` (its bundle.json; files checked on load)."""
     uri = uri.rstrip("/")
+    if not uri.startswith("s3://"):
+        uri = str(Path(uri).expanduser().resolve())
     manifest = json.loads(read_bytes(f"{uri}/{BUNDLE}"))
-    if manifest.get("format") != BUNDLE_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"{uri}/{BUNDLE}: not a {BUNDLE_FORMAT} bundle")
     specs = []
-    for name, model in manifest["models"].items():
-        versions = {v: VersionSpec(uri=f"{uri}/{entry['file']}", sha256=entry["sha256"],
-                                   size_bytes=entry["size_bytes"], test_accuracy=entry["test_accuracy"],
-                                   format=entry["format"])
-                    for v, entry in model["versions"].items()}
-        promoted, versions = _choose(name, uri, model["promoted"], versions, variants)
-        specs.append(ModelSpec(name=name, promoted=promoted, features=model["features"],
-                               classes=model["classes"], source=uri, versions=versions))
+    try:
+        for name, model in manifest["models"].items():
+            versions = {v: VersionSpec(uri=f"{uri}/{safe_path(uri, entry['file'])}", sha256=entry["sha256"],
+                                       size_bytes=entry["size_bytes"], test_accuracy=entry["test_accuracy"],
+                                       format=entry["format"])
+                        for v, entry in model["versions"].items()}
+            promoted, versions = _choose(name, uri, model["promoted"], versions, variants)
+            specs.append(ModelSpec(name=name, promoted=promoted, features=model["features"],
+                                   classes=model["classes"], source=uri, versions=versions))
+    except (KeyError, TypeError, AttributeError, ValidationError) as err:
+        raise ConfigError(f"{uri}/{BUNDLE}: not a {BUNDLE_FORMAT} bundle ({type(err).__name__}: {err})") from None
     return specs
 
 

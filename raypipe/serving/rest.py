@@ -28,6 +28,7 @@ from raypipe.serving.catalog import Catalog, ModelSpec
 log = logging.getLogger("raypipe")
 
 MAX_BATCH = 4096
+MAX_BODY = 64 * 2**20  # bytes: 4,096 rows of 32x32x3 FP32 values as binary tensors take 48 MiB
 INPUT_NAME = "input"
 OUTPUTS = ("label", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
@@ -67,22 +68,35 @@ class BadRequest(HTTPException):
         super().__init__(status_code=400, detail=message)
 
 
+class ModelUnavailable(HTTPException):
+    """The server cannot load the model now (a 503: the client's request was fine)."""
+
+    def __init__(self, message: str):
+        super().__init__(status_code=503, detail=message)
+
+
 def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
-    """The JSON part of a request and the binary tail that follows it (empty without the extension)."""
+    """The JSON part of a request and the binary tail that follows it (empty without the extension).
+    Output names and flags are checked here too, before any model runs."""
     if header_length is not None:
-        try:
-            split = int(header_length)
-            assert 0 < split <= len(body)
-        except (ValueError, AssertionError):
+        if not (header_length.isascii() and header_length.isdigit() and 0 < int(header_length) <= len(body)):
             raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a length within "
-                             f"the body ({len(body)} bytes)") from None
-        body, tail = body[:split], body[split:]
+                             f"the body ({len(body)} bytes)")
+        body, tail = body[:int(header_length)], body[int(header_length):]
     else:
         tail = b""
     try:
-        return InferenceRequest.model_validate_json(body), tail
+        request = InferenceRequest.model_validate_json(body)
     except ValidationError as err:
         raise BadRequest(_first_error(err.errors())) from None
+    for out in request.outputs or []:
+        if out.name not in OUTPUTS:
+            raise BadRequest(f"unknown output {out.name!r}: the model's outputs are {list(OUTPUTS)}")
+        if not isinstance((out.parameters or {}).get("binary_data", False), bool):
+            raise BadRequest(f"outputs[{out.name!r}].parameters.binary_data must be true or false")
+    if not isinstance((request.parameters or {}).get("binary_data_output", False), bool):
+        raise BadRequest("parameters.binary_data_output must be true or false")
+    return request, tail
 
 
 def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
@@ -108,7 +122,7 @@ def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
     else:
         if tensor.data is None:
             raise BadRequest(f"input {INPUT_NAME!r} has neither data nor parameters.binary_data_size")
-        values = _numbers(tensor.data)
+        values = _numbers(tensor.data, tensor.shape)
         if values.size != count:
             raise BadRequest(f"input {INPUT_NAME!r} holds {values.size} values; shape {tensor.shape} needs {count}")
     # Cast first, then check: a value float32 cannot hold (1e39) becomes inf and is refused here.
@@ -119,13 +133,16 @@ def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
     return values.reshape(tensor.shape)
 
 
-def _numbers(data: list[Any]) -> np.ndarray:
+def _numbers(data: list[Any], shape: list[int]) -> np.ndarray:
     """JSON values as a flat float64 array; booleans, text, nulls and ragged nesting are refused (a plain
-    np.array would turn `[true, 1.5]` into numbers)."""
+    np.array would turn `[true, 1.5]` into numbers), and nested data must have the declared shape."""
     try:
-        cells = np.array(data, dtype=object).ravel()
+        cells = np.array(data, dtype=object)
     except ValueError:  # ragged nesting numpy cannot even hold as objects
         cells = np.array([data], dtype=object)
+    if cells.ndim > 1 and list(cells.shape) != shape:
+        raise BadRequest(f"input {INPUT_NAME!r}: nested data of shape {list(cells.shape)} does not match shape {shape}")
+    cells = cells.ravel()
     if not set(map(type, cells)) <= {int, float}:  # a list here means ragged nesting
         raise BadRequest(f"input {INPUT_NAME!r} must hold finite numbers that fit FP32, flat or nested row-major")
     try:
@@ -139,14 +156,14 @@ def encode(request: InferenceRequest, model: str, version: str, labels: np.ndarr
     """The response: JSON, or a JSON header followed by raw bytes for outputs asked as binary."""
     arrays = {"label": labels, "probabilities": probabilities}
     wanted = request.outputs or [RequestOutput(name=name) for name in OUTPUTS]
-    all_binary = bool((request.parameters or {}).get("binary_data_output"))
+    all_binary = (request.parameters or {}).get("binary_data_output") is True
     outputs, blobs = [], []
     for out in wanted:
         if out.name not in arrays:
             raise BadRequest(f"unknown output {out.name!r}: the model's outputs are {list(OUTPUTS)}")
         array, (datatype, dtype) = arrays[out.name], _OUTPUT_TYPES[out.name]
         tensor: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(array.shape)}
-        if all_binary or (out.parameters or {}).get("binary_data"):
+        if all_binary or (out.parameters or {}).get("binary_data") is True:
             blob = np.ascontiguousarray(array, dtype=dtype).tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -259,14 +276,17 @@ class V2App(FastAPI):
         match = scope["type"] == "http" and scope["method"] == "POST" and _INFER_PATH.match(scope["path"])
         if not match:
             return await super().__call__(scope, receive, send)
-        chunks, more = [], True
+        chunks, more, size = [], True, 0
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY:  # refused before it is parsed into memory many times its size
+                return await _error(413, f"request body over {MAX_BODY} bytes")(scope, receive, send)
             more = message.get("more_body", False)
-        header_length = next((v.decode() for k, v in scope["headers"] if k == HEADER_LENGTH.encode()), None)
+        header_length = next((v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()), None)
         response = await self.answer_infer(match[1], match[2], b"".join(chunks), header_length)
         await response(scope, receive, send)
 
@@ -394,6 +414,9 @@ def _first_error(errors: list[dict[str, Any]]) -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version("raypipe")
+    try:
+        return version("raypipe")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown"
