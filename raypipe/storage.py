@@ -77,6 +77,8 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), 0o666 & ~UMASK)  # mkstemp makes 0600; give what open() would give
             out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it visible (MANIFEST.json comes last)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)

@@ -203,10 +203,12 @@ def test_models_load_lazily_and_each_replica_keeps_at_most_its_lru_bound(server)
         for _ in range(4):
             reply = requests.post(f"{server.base}/v2/models/{model}/versions/{version}/infer", json=body)
             assert reply.status_code == 200, reply.text
-    served = {f"{m}/{v}" for m, v in keys}
+    served, held = {f"{m}/{v}" for m, v in keys}, []
     for _ in range(10):
         stats = requests.get(f"{server.base}/v2/models/stats").json()
         assert len(stats["loaded"]) <= 2 and set(stats["loaded"]) <= served, stats["loaded"]
+        held.append(len(stats["loaded"]))
+    assert max(held) == 2  # the bound is reached, and models really are held
 
 
 def test_infer_by_version_nested_data_and_selected_outputs(server, smoke_run):

@@ -28,14 +28,14 @@ class CoalescingModel:
     def __init__(self, model: OnnxModel, max_rows: int = 4096):
         self.model, self.max_rows = model, max_rows
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
-        self.busy = False
+        self.busy, self._drainer = False, None
 
     async def predict(self, x: np.ndarray, on_call) -> tuple[np.ndarray, np.ndarray]:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((x, future))
         if not self.busy:
             self.busy = True
-            asyncio.create_task(self._drain(on_call))
+            self._drainer = asyncio.create_task(self._drain(on_call))  # held: a bare task may be collected
         return await future
 
     async def _drain(self, on_call) -> None:
