@@ -152,7 +152,7 @@ def test_openapi_documents_the_infer_body(client):
     assert "/v2/models/{model}/versions/{version}/stats" in spec["paths"]
 
 
-@pytest.mark.parametrize("header", ["\xff", "+13", " 13", "1_3", "0", "99999999"])
+@pytest.mark.parametrize("header", ["\xff", "+13", " 13", "1_3", "0", "99999999", "1" * 5000])
 def test_a_bad_header_length_is_400(client, header):
     reply = client.post("/v2/models/digits/infer", content=b'{"inputs": []}',
                         headers={"Inference-Header-Content-Length": header.encode("latin-1")})
@@ -204,3 +204,16 @@ def test_concurrent_requests_each_get_their_own_rows(client, blob):
     assert np.array_equal(np.concatenate([labels for labels, _ in results]), expected_labels)
     assert np.allclose(np.concatenate([probs for _, probs in results]), expected_probs, atol=1e-6)
     assert calls() - before <= 2  # joined into one or two model calls, not run one by one
+
+
+@pytest.mark.parametrize("body, header, needle", [
+    ({"inputs": [{"name": "input", "shape": ["1", 64.0], "datatype": "FP32", "data": [0] * 64}]}, None, "shape"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
+      "outputs": [{"name": "label"}, {"name": "label"}]}, None, "twice"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, True, "follow the JSON"),
+])
+def test_loose_or_contradictory_requests_are_400(client, body, header, needle):
+    raw = json.dumps(body).encode()
+    headers = {"Inference-Header-Content-Length": str(len(raw))} if header else {}
+    reply = client.post("/v2/models/digits/infer", content=raw + (b"junk" if header else b""), headers=headers)
+    assert reply.status_code == 400 and needle in reply.json()["error"], reply.text

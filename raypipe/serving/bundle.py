@@ -90,7 +90,7 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pa
     except FileNotFoundError:
         raise ConfigError(f"{uri}: no {BUNDLE} (not a bundle, or an incomplete one)") from None
     actual = bundle_digest(manifest)
-    if digest and digest != actual:
+    if digest is not None and digest != actual:
         raise ConfigError(f"{uri}/{BUNDLE}: digest {actual} is not the expected {digest}")
     target = cache / actual.removeprefix("sha256:")
     try:

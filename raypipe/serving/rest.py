@@ -21,7 +21,7 @@ import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from raypipe.serving.catalog import Catalog, ModelSpec
 
@@ -41,7 +41,7 @@ _OUTPUT_TYPES = {"label": ("INT64", "<i8"), "probabilities": ("FP32", "<f4")}
 
 class RequestInput(BaseModel):
     name: str = Field(description="Input tensor name, as the model metadata declares it.")
-    shape: list[int] = Field(description="Tensor shape, e.g. [N, 64].")
+    shape: list[StrictInt] = Field(description="Tensor shape, e.g. [N, 64].")
     datatype: str = Field(description="Tensor datatype, e.g. FP32.")
     parameters: dict[str, Any] | None = Field(
         None, description="Optional; `binary_data_size` says the values follow the JSON header as raw bytes.")
@@ -79,7 +79,8 @@ def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, byt
     """The JSON part of a request and the binary tail that follows it (empty without the extension).
     Output names and flags are checked here too, before any model runs."""
     if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit() and 0 < int(header_length) <= len(body)):
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12
+                and 0 < int(header_length) <= len(body)):
             raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a length within "
                              f"the body ({len(body)} bytes)")
         body, tail = body[:int(header_length)], body[int(header_length):]
@@ -89,6 +90,9 @@ def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, byt
         request = InferenceRequest.model_validate_json(body)
     except ValidationError as err:
         raise BadRequest(_first_error(err.errors())) from None
+    names = [out.name for out in request.outputs or []]
+    if len(set(names)) != len(names):
+        raise BadRequest(f"outputs name one output twice: {names}")
     for out in request.outputs or []:
         if out.name not in OUTPUTS:
             raise BadRequest(f"unknown output {out.name!r}: the model's outputs are {list(OUTPUTS)}")
@@ -120,6 +124,9 @@ def decode(request: InferenceRequest, tail: bytes, features: int) -> np.ndarray:
                              f"after the header; shape {tensor.shape} of FP32 needs {4 * count}")
         values = np.frombuffer(tail, dtype="<f4").astype(np.float32)
     else:
+        if tail:
+            raise BadRequest(f"{len(tail)} bytes follow the JSON header, but input {INPUT_NAME!r} declares no "
+                             "parameters.binary_data_size")
         if tensor.data is None:
             raise BadRequest(f"input {INPUT_NAME!r} has neither data nor parameters.binary_data_size")
         values = _numbers(tensor.data, tensor.shape)
