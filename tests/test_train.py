@@ -25,6 +25,16 @@ def _train_workers(pid: int) -> list[psutil.Process]:
     return found
 
 
+def _registered_checkpoint(root: Path) -> bool:
+    for snapshot in root.glob("*/checkpoints/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:  # caught mid-write
+            pass
+    return False
+
+
 def test_a_sigkilled_worker_costs_at_most_one_checkpoint_interval(tmp_path):
     root = tmp_path / "runs"
     process = subprocess.Popen(
@@ -34,9 +44,10 @@ def test_a_sigkilled_worker_costs_at_most_one_checkpoint_interval(tmp_path):
     )
     try:
         deadline = time.monotonic() + 240
-        # Two checkpoint folders holding their file (Ray also keeps a checkpoint_manager_snapshot.json
-        # there): the first is then surely registered, so the restart must resume from it.
-        while time.monotonic() < deadline and len(list(root.glob("*/checkpoints/checkpoint_*/checkpoint.pt"))) < 2:
+        # Wait until Ray Train's controller has registered a checkpoint, not only until one is on disk: it
+        # polls the workers every 2 s, so files can exist that a restart would not resume from. The
+        # controller records what it registered in checkpoint_manager_snapshot.json, the file it restores from.
+        while time.monotonic() < deadline and not _registered_checkpoint(root):
             assert process.poll() is None, process.communicate()[1][-3000:]
             time.sleep(0.5)
         workers = _train_workers(process.pid)
