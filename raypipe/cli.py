@@ -99,6 +99,10 @@ def _check_fits_locally(cfg: Config) -> None:
         raise ConfigError(
             f"train.cpus_per_worker: {low} worker(s) x {tcfg.cpus_per_worker} CPUs do not fit the embedded Ray's "
             f"{cpus} CPUs; lower train.workers or train.cpus_per_worker, set ray.num_cpus, or pass --address")
+    if tcfg.resources_per_worker:
+        # A resource no local node has would leave the run waiting forever for a node that never comes.
+        raise ConfigError(f"train.resources_per_worker: {sorted(tcfg.resources_per_worker)} exist only on a "
+                          f"cluster whose nodes declare them; pass --address (or set RAY_ADDRESS)")
     if tcfg.device == "cuda":
         import torch
 

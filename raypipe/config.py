@@ -162,11 +162,26 @@ class TrainConfig(_Model):
     workers: int | WorkersRange = Field(2, description="Number of data-parallel workers, or {min, max}.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; fractions leave room for Ray Data.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu, or cuda for one GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Other Ray resources each worker asks for, e.g. {\"accelerator_type:A10G\": 0.001} or a custom "
+                    "node resource: the autoscaler starts the node group that has them.")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("fp32", description="Autocast precision.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts allowed after failures (-1: unlimited).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs (and after the last).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept to resume from: the latest N (the best by validation accuracy is kept too).")
     elastic_monitor_s: float = Field(10.0, gt=0, description="How often an elastic run looks for room to grow.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"train.resources_per_worker.{name}: set by train.cpus_per_worker and "
+                                 f"train.device, not here")
+            if not amount > 0:
+                raise ValueError(f"train.resources_per_worker.{name}: must be > 0 (got {amount})")
+        return resources
 
     @field_validator("workers", mode="before")
     @classmethod

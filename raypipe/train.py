@@ -251,7 +251,8 @@ def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
         num_workers=low if low == high else (low, high),
         elastic_resize_monitor_interval_s=tcfg.elastic_monitor_s,
         use_gpu=tcfg.device == "cuda",
-        resources_per_worker={"CPU": tcfg.cpus_per_worker},  # use_gpu adds one GPU per worker
+        # use_gpu adds one GPU per worker; the autoscaler starts nodes that hold all of these.
+        resources_per_worker={"CPU": tcfg.cpus_per_worker, **tcfg.resources_per_worker},
     )
 
 

@@ -54,6 +54,87 @@ def raypipe(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     )
 
 
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Head:
+    """A Ray head started by `ray start --head` on loopback, in its own temp dir, and ended by its PIDs."""
+
+    temp_dir: str
+    port: int
+    dashboard_port: int
+    env: dict[str, str]
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @classmethod
+    def start(cls, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Head:
+        import tempfile
+
+        temp_dir = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # short: Ray's socket paths have a length limit
+        head = cls(temp_dir, port or free_port(), free_port(),
+                   {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", **(env or {})})
+        started = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={head.port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats", *args],
+            env=head.env, capture_output=True, text=True, timeout=120,
+        )
+        if started.returncode != 0:
+            head.stop()
+            raise RuntimeError(f"ray start failed: {started.stderr[-3000:]}")
+        return head
+
+    def ray(self, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+        """The `ray` CLI against this head (`ray job submit ...`, `ray status ...`)."""
+        return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+
+    def wait_for_job_server(self) -> None:
+        """The job server comes up a moment after `ray start` returns."""
+        import time
+
+        deadline = time.monotonic() + 60
+        while self.ray("job", "list", "--address", self.dashboard, timeout=60).returncode != 0:
+            assert time.monotonic() < deadline, "the job server never came up"
+            time.sleep(2)
+
+    def stop(self) -> None:
+        """End only this head's processes: those whose command line names its temp dir or GCS address
+        (nodes an autoscaler started included), and their children."""
+        import shutil
+
+        import psutil
+
+        roots = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part or self.gcs_address in part for part in proc.info["cmdline"] or []):
+                    roots.append(proc)
+            except psutil.Error:
+                continue
+        procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+        for proc in procs.values():
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
 @dataclass
 class Run:
     uri: str

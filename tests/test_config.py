@@ -83,6 +83,9 @@ def test_secrets_are_kept_out_of_the_public_config():
         (["--set", "model.arch=vit"], "model.arch"),
         # Two workers of 8 CPUs can never start on this machine's embedded Ray: refused, not left waiting.
         (["--set", "train.cpus_per_worker=8"], "train.cpus_per_worker"),
+        # A custom resource no local node has would wait forever: refused, naming the key.
+        (["--set", "train.resources_per_worker={edge: 1}"], "train.resources_per_worker: ['edge'] exist only"),
+        (["--set", "train.resources_per_worker={GPU: 1}"], "train.resources_per_worker.GPU: set by"),
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--set", "novalue"], "--set 'novalue'"),
     ],
@@ -160,3 +163,14 @@ def test_json_logs_keep_the_traceback():
         record = logging.LogRecord("raypipe", logging.ERROR, __file__, 1, "failed: %s", ("boom",), sys.exc_info())
     line = json.loads(cli._JsonFormatter().format(record))
     assert line["message"] == "failed: boom" and "RuntimeError: boom" in line["traceback"]
+
+
+def test_worker_resources_reach_ray_train():
+    """What a worker asks Ray for is what steers the autoscaler to a node group."""
+    from raypipe.train import scaling_config
+
+    cfg = config.load(None, {"train.device": "cuda", "train.cpus_per_worker": 3,
+                             "train.resources_per_worker": {"accelerator_type:A10G": 0.001}})
+    scaling = scaling_config(cfg.train)
+    assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 3, "accelerator_type:A10G": 0.001}
+    assert scaling._resources_per_worker_not_none == {"CPU": 3, "GPU": 1, "accelerator_type:A10G": 0.001}
