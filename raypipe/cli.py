@@ -7,7 +7,7 @@ written; 1 runtime failure. Logs go to stderr; `raypipe run` prints the run URI 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import logging
 import os
 import signal
@@ -20,34 +20,18 @@ import yaml
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from raypipe import config as config_mod  # noqa: E402
+from raypipe import console  # noqa: E402
 from raypipe.config import Config, ConfigError  # noqa: E402
 
 log = logging.getLogger("raypipe")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage()}
-        if record.exc_info:
-            line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def _setup_logging(fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s raypipe %(levelname)s %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def _load_config(args: argparse.Namespace) -> Config:
     overrides = dict(config_mod.SMOKE_OVERRIDES) if getattr(args, "smoke_test", False) else {}
     overrides.update(config_mod.parse_override(item) for item in args.set or [])
     cfg = config_mod.load(args.config, overrides)
-    log.info("config %s", json.dumps(cfg.public_dict(), separators=(",", ":")))
+    log.info("config %s", console.config_line(cfg.public_dict(), args.config or "configs/default.yaml",
+                                              config_mod.load(args.config).public_dict()))
     return cfg
 
 
@@ -66,11 +50,17 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
     else:
         if trains:
             _check_fits_locally(cfg)
-        log.info("ray: starting an embedded local Ray on 127.0.0.1")
         # Ray Train's controller polls workers every 2 s by default, which each per-epoch report waits on.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        ray.init(num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
-                 include_dashboard=False, configure_logging=False)
+        for key, value in console.embedded_ray_env().items():
+            os.environ.setdefault(key, value)
+        # With the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
+        # dashboard) every second whether the controller lives, and warns each time it cannot.
+        context = ray.init(num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
+                           include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
+                           runtime_env=console.ray_runtime_env())
+        log.info("ray: embedded local Ray on 127.0.0.1, dashboard http://%s", context.dashboard_url)
+    console.configure_ray_data()
 
 
 def _usable_cpus() -> int:
@@ -140,8 +130,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg, trains=True)
     paths = pipeline.run(cfg, source)
+    _summarize(args, paths)
     _print_last(paths.uri)
     return 0
+
+
+def _summarize(args: argparse.Namespace, paths) -> None:
+    """The run's summary on stderr (stdout stays the URI alone); JSON logs stay JSON."""
+    if args.log_format == "text":
+        from raypipe import report
+
+        print(f"\n{report.summary(paths.read_json('report.json'))}\n", file=sys.stderr, flush=True)
 
 
 def _run_config(args: argparse.Namespace):
@@ -155,8 +154,9 @@ def _run_config(args: argparse.Namespace):
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
     tree = yaml.safe_load(paths.read_bytes("config.yaml"))
     tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
+    base = config_mod.validate(copy.deepcopy(tree)).public_dict()
     cfg = config_mod.validate(tree, overrides)
-    log.info("config %s", json.dumps(cfg.public_dict(), separators=(",", ":")))
+    log.info("config %s", console.config_line(cfg.public_dict(), f"{paths.uri}/config.yaml", base))
     return cfg, paths
 
 
@@ -169,7 +169,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     data.check_settings_fit(cfg, source["image_shape"], cfg.data.source)
     _init_ray(args.address, cfg)
     paths = pipeline.start(cfg)
-    data.build(cfg.data, cfg.rng_seed(), paths, source)
+    pipeline.data_stage(cfg, paths, source)
     _print_last(paths.uri)
     return 0
 
@@ -208,6 +208,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     stats, trained = DataStats.read(paths, data.STATS), TrainSummary.read(paths, pipeline.TRAIN_SUMMARY)
     _init_ray(args.address, cfg)
     pipeline.finish(cfg, paths, stats, trained)
+    _summarize(args, paths)
     _print_last(paths.uri)
     return 0
 
@@ -247,11 +248,16 @@ def _variants(text: str | None) -> list[str] | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve sealed runs or bundles on Ray Serve until Ctrl-C: the V2 REST API on autoscaling replicas."""
+    if args.access_log:
+        args.set = [*(args.set or []), "serve.access_log=true"]
+        os.environ["RAY_SERVE_LOG_TO_STDERR"] = "1"  # replicas write their access lines to the terminal too
     cfg = _load_config(args)
     _s3_to_env(cfg.storage.s3)
-    from raypipe.serving.app import ServeArgs, build_app, proxy_env
+    from raypipe.serving.app import deployment, proxy_env
+    from raypipe.serving.catalog import open_sources
 
-    app = build_app(ServeArgs(sources=args.sources, variants=_variants(args.variants), serve=cfg.serve))
+    catalog = open_sources(args.sources, _variants(args.variants))
+    app = deployment(catalog, cfg.serve)
     if args.address or os.environ.get("RAY_ADDRESS"):
         log.info("serve.proxy is the cluster's: it is set by the head's environment (see cluster/README.md)")
     else:
@@ -265,16 +271,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(app, name="raypipe", route_prefix="/")
-        log.info("serving %s on http://%s:%d/v2 (docs: /docs); Ctrl-C to stop", ", ".join(args.sources),
-                 args.host, args.port)
-        stop.wait()
+        url = f"http://{args.host}:{args.port}"
+        models = "; ".join(f"{name} ({', '.join(spec.versions)})" for name, spec in catalog.models.items())
+        log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
+        watch = _ScalingWatch()
+        while not stop.wait(1.0):
+            watch.check()
     finally:
-        log.info("draining in-flight requests and shutting down Serve")
+        log.info("serve: draining in-flight requests and shutting down")
         serve.shutdown()
         import ray
 
         ray.shutdown()
     return 0
+
+
+class _ScalingWatch:
+    """One line per change in the number of running replicas or in the deployment's status."""
+
+    def __init__(self):
+        self.replicas, self.status = None, None
+
+    def check(self) -> None:
+        from ray import serve
+
+        try:
+            deployment = serve.status().applications["raypipe"].deployments["raypipe"]
+        except Exception:  # the controller is busy or restarting: look again next second
+            return
+        running = deployment.replica_states.get("RUNNING", 0)
+        if self.replicas is not None and running != self.replicas:
+            log.info("serve: %d -> %d replicas", self.replicas, running)
+        if deployment.status != self.status and deployment.status in ("UNHEALTHY", "DEPLOY_FAILED"):
+            log.warning("serve: %s: %s", deployment.status, deployment.message)
+        self.replicas, self.status = running, deployment.status
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -314,6 +344,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the runs under a storage root (local or s3://), newest first."""
+    from raypipe import runs
+
+    cfg = config_mod.load(args.config)
+    root = args.root or cfg.storage.root
+    found = runs.list_runs(root, cfg.storage.s3)
+    print(runs.to_json(found) if args.json else runs.table(found) if found else f"no runs under {root}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a run's summary: data, training, the variants, the promoted one, and how to serve it."""
+    from raypipe import report
+    from raypipe.storage import MANIFEST, RunPaths
+
+    paths = RunPaths.open(args.run, config_mod.load(args.config).storage.s3 if args.config else None)
+    if not paths.exists("report.json"):
+        raise ConfigError(f"{args.run}: no report.json (the run is incomplete: `raypipe runs` shows how far it got)")
+    print(report.summary(paths.read_json("report.json")))
+    if not paths.exists(MANIFEST):
+        print("warning: not sealed (no MANIFEST.json): its files are not vouched for", file=sys.stderr)
+    return 0
+
+
 # ---- parsing ---------------------------------------------------------------------------------------
 
 def _common(parser: argparse.ArgumentParser, config: bool = True,
@@ -323,7 +378,14 @@ def _common(parser: argparse.ArgumentParser, config: bool = True,
         parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help="override a config key, value parsed as YAML (repeatable), e.g. train.epochs=5")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    _output(parser)
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (short lines on a terminal, timestamped otherwise) or json")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own informational logs (otherwise in its session log files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     validate.add_argument("file", help="config file to check")
     validate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    validate.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    _output(validate)
     validate.set_defaults(func=cmd_validate, smoke_test=False)
 
     serve = commands.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
@@ -378,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--variants", metavar="V1,V2", help="serve only these variants (default: every accepted one)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (off by default: it costs throughput)")
     _common(serve, config_help="config whose serve.* keys set replicas, batching and the proxy, and whose "
                                "storage.s3 reaches the sources (default: configs/default.yaml)")
     serve.set_defaults(func=cmd_serve)
@@ -394,15 +458,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where pulled bundles are kept, by digest (default: $RAYPIPE_CACHE/bundles or "
                            "~/.cache/raypipe/bundles)")
     edge.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the source")
-    edge.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    _output(edge)
     edge.set_defaults(func=cmd_edge)
+
+    listing = commands.add_parser("runs", help=cmd_runs.__doc__, description=cmd_runs.__doc__)
+    listing.add_argument("root", nargs="?", help="a storage root (default: storage.root of --config, ./runs)")
+    listing.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+    listing.add_argument("--config", metavar="FILE", help="config whose storage.root and storage.s3 to use")
+    _output(listing)
+    listing.set_defaults(func=cmd_runs)
+
+    show = commands.add_parser("show", help=cmd_show.__doc__, description=cmd_show.__doc__)
+    show.add_argument("run", help="a run's URI (local path or s3://)")
+    show.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the run")
+    _output(show)
+    show.set_defaults(func=cmd_show)
 
     export = commands.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
     export.add_argument("runs", nargs="+", metavar="RUN", help="sealed runs (local paths or s3://)")
     export.add_argument("--to", required=True, metavar="URI", help="a new folder or s3:// prefix for the bundle")
     export.add_argument("--variants", metavar="V1,V2", help="variants to include (default: each run's promoted)")
     export.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach runs and --to")
-    export.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    _output(export)
     export.set_defaults(func=cmd_export)
     return parser
 
@@ -413,11 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv or ["run"])
     if args.command is None:
         args = parser.parse_args(["run", *argv])
-    _setup_logging(args.log_format)
+    console.setup(args.log_format, args.verbose)
+    console.quiet_ray()
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        # An embedded Ray gets token auth, as Ray sets up a new local cluster; said explicitly, and before
+        # Ray is imported (it reads the mode then), so Ray prints no notice about it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"raypipe: error: {err}", file=sys.stderr)
+    except ConfigError as err:  # always one line, whatever the message quotes
+        print(f"raypipe: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

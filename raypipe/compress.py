@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import ray.data
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-from raypipe import evaluate, models, train
+from raypipe import console, evaluate, models, train
 from raypipe.config import Config
 from raypipe.records import DataStats, Variant
 from raypipe.storage import RunPaths, sha256_bytes
@@ -32,10 +33,16 @@ OPSET = 18
 
 def export_onnx(model: torch.nn.Module, features: int) -> bytes:
     """The fp32 model as ONNX with a dynamic batch dimension (torch's dynamo exporter)."""
-    program = torch.onnx.export(
-        model, (torch.zeros(1, features),), dynamo=True, opset_version=OPSET, verbose=False,
-        input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    # The exporter warns for every torchvision op it cannot register (torchvision is not used here) and
+    # about a pytree API torch itself still calls: not the user's concern, and not shown.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        program = torch.onnx.export(
+            model, (torch.zeros(1, features),), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "model.onnx"
         program.save(str(target))
@@ -75,18 +82,31 @@ def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], sta
         paths: RunPaths) -> list[Variant]:
     """Build, evaluate, guard and store every variant; returns their records (meta.json contents)."""
     model = models.with_standardize(train.load_model(cfg, stats, paths, checkpoint), stats)
+    names = ["fp32", "int8"] if cfg.compress.int8 else ["fp32"]
+    # Steps: export, quantize, then evaluate each variant (accuracy on the test split, latency).
+    progress, done = console.Progress(2 * len(names), "compress:", log_updates=False), 0
+
+    def step(note: str) -> None:
+        nonlocal done
+        done += 1
+        progress.update(done, note)
+
     artifacts = {"fp32": export_onnx(model, stats.features)}
+    step("fp32 exported")
     calibration = _rows(datasets["train"], cfg.compress.calibration_rows)
     if cfg.compress.int8:
         artifacts["int8"] = quantize_int8(artifacts["fp32"], calibration)
+        step("int8 quantized")
 
-    variants = [
-        Variant(name=name, format="onnx", uri=paths.child_uri(f"models/{name}/model.onnx"), sha256=sha256_bytes(blob),
-                size_bytes=len(blob), test_accuracy=evaluate.accuracy(blob, datasets["test"]),
-                latency_ms=evaluate.latency_ms(blob, calibration[:1], cfg.compress.latency_repeats),
-                input=INPUT, output=OUTPUT)
-        for name, blob in artifacts.items()
-    ]
+    variants = []
+    for name, blob in artifacts.items():
+        variants.append(Variant(
+            name=name, format="onnx", uri=paths.child_uri(f"models/{name}/model.onnx"), sha256=sha256_bytes(blob),
+            size_bytes=len(blob), test_accuracy=evaluate.accuracy(blob, datasets["test"]),
+            latency_ms=evaluate.latency_ms(blob, calibration[:1], cfg.compress.latency_repeats),
+            input=INPUT, output=OUTPUT))
+        step(f"{name} evaluated")
+    progress.close()
     guard(variants, cfg.compress.max_accuracy_drop)
     for variant, blob in zip(variants, artifacts.values()):
         paths.write_bytes(f"models/{variant.name}/model.onnx", blob)

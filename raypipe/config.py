@@ -233,6 +233,7 @@ class ServeConfig(_Model):
         0, ge=0, description="How long a request waits for others to join its batch; 0 joins only requests "
                              "already queued, so a lone request never waits.")
     max_models_per_replica: int = Field(4, ge=1, description="Models each replica keeps loaded (LRU).")
+    access_log: bool = Field(False, description="A log line per request (off: it costs throughput).")
 
     @model_validator(mode="after")
     def _ordered(self) -> ServeConfig:
@@ -321,6 +322,11 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except yaml.MarkedYAMLError as err:  # FILE:LINE:COLUMN, as compilers and editors read them
+        # A key missing its colon is noticed a line later; the key itself is where the mistake is.
+        simple_key = err.context == "while scanning a simple key" and err.context_mark
+        mark = simple_key or err.problem_mark or err.context_mark
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(tree, dict):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from raypipe import compress, data, report, train
+from raypipe import compress, console, data, report, train
 from raypipe.config import Config
 from raypipe.records import DataStats, TrainSummary
 from raypipe.storage import RunPaths
@@ -24,7 +24,7 @@ def run(cfg: Config, source: dict[str, Any] | None = None) -> RunPaths:
     """Data -> train -> compress -> report -> seal. Returns the run; it is complete once sealed.
     `source` is what `data.inspect_source` found, when the caller checked it already."""
     paths = start(cfg)
-    stats = data.build(cfg.data, cfg.rng_seed(), paths, source)
+    stats = data_stage(cfg, paths, source)
     trained = train_stage(cfg, paths, stats)
     finish(cfg, paths, stats, trained)
     return paths
@@ -43,11 +43,26 @@ def write_config(cfg: Config, paths: RunPaths) -> None:
     paths.write_bytes("config.yaml", yaml.safe_dump(cfg.public_dict(), sort_keys=False).encode())
 
 
+def data_stage(cfg: Config, paths: RunPaths, source: dict[str, Any] | None = None) -> DataStats:
+    """Read, clean, split and shard the source into the run's data/."""
+    with console.stage("data", f"reading {cfg.data.source}") as outcome, console.ray_data_bars():
+        stats = data.build(cfg.data, cfg.rng_seed(), paths, source)
+        dropped = sum(stats.rows_dropped.values())
+        outcome["done"] = f"{stats.rows_read - dropped} rows kept, {dropped} dropped; " + ", ".join(
+            f"{split} {n}" for split, n in stats.rows.items())
+    return stats
+
+
 def train_stage(cfg: Config, paths: RunPaths, stats: DataStats) -> TrainSummary:
     """Train on the run's data; the summary is kept as train.json for the later stages."""
     write_config(cfg, paths)
-    trained = train.fit(cfg, data.load(paths), stats, paths)
-    trained.write(paths, TRAIN_SUMMARY)
+    low, high = cfg.train.worker_range()
+    workers = low if low == high else f"{low}..{high}"
+    with console.stage("train", f"{cfg.train.epochs} epochs, {workers} {cfg.train.device} workers, "
+                                f"{cfg.model.arch}") as outcome:
+        trained = train.fit(cfg, data.load(paths), stats, paths)
+        trained.write(paths, TRAIN_SUMMARY)
+        outcome["done"] = f"best epoch {trained.best_epoch}, validation accuracy {trained.best_val_accuracy:.4f}"
     return trained
 
 
@@ -55,9 +70,12 @@ def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary
     """Compress, evaluate and guard the variants, write the report, then seal the run (unsealed first, when
     it is compressed again)."""
     paths.unseal()
-    variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths)
-    promoted = compress.promote(variants)
-    hashes = paths.hashes(["data/", trained.checkpoint])  # hashed once: for the lineage and the manifest
-    report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))
-    paths.seal(known=hashes)
-    log.info("run complete: promoted %s", promoted)
+    with console.stage("compress", "export, quantize, evaluate on the test split") as outcome:
+        variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths)
+        promoted = compress.promote(variants)
+        outcome["done"] = f"promoted {promoted}"
+    with console.stage("report", "report.json, report.md, report.html; sealing") as outcome:
+        hashes = paths.hashes(["data/", trained.checkpoint])  # hashed once: for the lineage and the manifest
+        report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))
+        paths.seal(known=hashes)
+        outcome["done"] = "MANIFEST.json written"

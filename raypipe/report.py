@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from importlib.metadata import version
 from typing import Any
@@ -115,8 +117,82 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """report.html: the summary, the variants table and the plots embedded as data: URIs, so the one file
+    opens anywhere (local disk, an S3 presigned URL) with nothing beside it."""
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
+        for row in _variant_rows(report))
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{name}</figcaption></figure>" for name, png in plots.items())
+    summary = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _facts(report))
+    head = "".join(f"<th>{h}</th>" for h in VARIANT_COLUMNS)
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>raypipe run {html.escape(report['run_id'])}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222}"
+        "dl{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1.2rem}dt{font-weight:600}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5rem 0}"
+        f"</style></head><body><h1>raypipe run <code>{html.escape(report['run_id'])}</code></h1>"
+        f"<dl>{summary}</dl><h2>Variants</h2><table><tr>{head}</tr>{rows}</table>"
+        f"<h2>Plots</h2>{images}</body></html>\n"
+    )
+
+
+VARIANT_COLUMNS = ("variant", "size", "test accuracy", "b=1 ms", "b=64 ms", "accepted")
+
+
+def _variant_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [(
+        f"{v['name']}{' *' if v['name'] == report['promoted'] else ''}", _kib(v["size_bytes"]),
+        f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}", f"{v['latency_ms']['batch_64']:.3f}",
+        "yes" if v["accepted"] else f"no: {v['reason']}",
+    ) for v in report["variants"]]
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:.1f} KiB"
+
+
+def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run in a few labelled lines: what `raypipe run` ends with and `raypipe show` prints."""
+    data, trained = report["data"], report["train"]
+    dropped = sum(data["rows_dropped"].values())
+    reasons = ", ".join(f"{n} {why}" for why, n in data["rows_dropped"].items() if n) or "none"
+    best = max(trained["history"], key=lambda h: h["val_accuracy"])
+    promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
+    return [
+        ("data", f"{data['rows_read']} rows read, {data['rows_read'] - dropped} kept, {dropped} dropped ({reasons}); "
+                 + " / ".join(f"{split} {n}" for split, n in data["rows"].items())),
+        ("training", f"{trained['epochs']} epochs on {trained['workers']} {trained['device']} workers "
+                     f"({trained['precision']}), {trained['restarts']} restarts; best epoch {best['epoch']}, "
+                     f"validation accuracy {best['val_accuracy']:.4f}"),
+        ("promoted", f"{promoted['name']}: {_kib(promoted['size_bytes'])}, test accuracy "
+                     f"{promoted['test_accuracy']:.4f}"),
+        ("run", report["uri"]),
+        ("next", f"raypipe serve {report['uri']}"),
+    ]
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The run's summary as plain text lines (no colour, no control characters)."""
+    width = max(len(k) for k, _ in _facts(report))
+    table = [VARIANT_COLUMNS, *_variant_rows(report)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(VARIANT_COLUMNS))]
+    lines = [f"{k:<{width}}  {v}" for k, v in _facts(report)[:2]]
+    lines += [f"{'variants' if i == 0 else '':<{width}}  " + "  ".join(
+        cell.ljust(w) if c in (0, 5) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for i, row in enumerate(table)]
+    lines += [f"{k:<{width}}  {v}" for k, v in _facts(report)[2:]]
+    return "\n".join(lines)
+
+
 def write(paths: RunPaths, report: dict[str, Any]) -> None:
-    paths.write_bytes("plots/training.png", _training_plot(report["train"]["history"]))
-    paths.write_bytes("plots/variants.png", _variants_plot(report["variants"]))
+    plots = {"training": _training_plot(report["train"]["history"]), "variants": _variants_plot(report["variants"])}
+    for name, png in plots.items():
+        paths.write_bytes(f"plots/{name}.png", png)
     paths.write_bytes("report.md", _markdown(report).encode())
+    paths.write_bytes("report.html", _html(report, plots).encode())
     paths.write_json("report.json", report)

@@ -8,11 +8,13 @@ checkpoint, so a lost worker costs at most `train.checkpoint_every` epochs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +28,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from raypipe import data, models
+from raypipe import console, data, models
 from raypipe.config import Config, TrainConfig
 from raypipe.records import DataStats, TrainSummary
 from raypipe.storage import RunPaths
@@ -85,15 +87,23 @@ def lr_factor(progress: float, epochs: int, warmup_epochs: float) -> float:
 
 @ray.remote(num_cpus=0)
 class Attempts:
-    """Counts the starts of the training function (first start, restarts after failures, resizes)."""
+    """Counts the starts of the training function (first start, restarts after failures, resizes), and
+    holds each finished epoch's metrics for the driver's progress display."""
 
     def __init__(self):
         self.worlds: list[int] = []
         self.epochs: list[int] = []
+        self.finished: list[dict[str, Any]] = []
 
     def start(self, world: int, epoch: int) -> None:
         self.worlds.append(world)
         self.epochs.append(epoch)
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        self.finished.append(metrics)
+
+    def since(self, count: int) -> list[dict[str, Any]]:
+        return self.finished[count:]
 
     def summary(self) -> dict[str, Any]:
         changes = [now != before for before, now in zip(self.worlds, self.worlds[1:])]
@@ -183,6 +193,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             "weights_drift": drift,
         }
         history.append(metrics)
+        if rank == 0:
+            loop["attempts"].epoch.remote(metrics)
         done = epoch + 1 == tcfg.epochs
         if rank == 0 and ((epoch + 1) % tcfg.checkpoint_every == 0 or done):
             improved = metrics["val_accuracy"] > best["val_accuracy"]
@@ -275,13 +287,44 @@ def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths) -> Train
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # Ray keeps the latest `keep_checkpoints` (the resume points); rank 0 keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Its controller's and workers' informational lines stay in <session>/logs/train/ (unless -v).
+            logging_config=ray.LoggingConfig(log_level=console.ray_log_level()),
         ),
     )
-    summary = TrainSummary(**trainer.fit().return_value, **ray.get(attempts.summary.remote()),
-                           checkpoint=BEST_CHECKPOINT)
+    with _following(attempts, cfg.train.epochs):
+        result = trainer.fit()
+    summary = TrainSummary(**result.return_value, **ray.get(attempts.summary.remote()), checkpoint=BEST_CHECKPOINT)
     log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary.best_epoch,
              summary.best_val_accuracy)
     return summary
+
+
+@contextlib.contextmanager
+def _following(attempts, epochs: int):
+    """Show each epoch as it finishes: a bar with loss and validation accuracy on a terminal, a line
+    otherwise."""
+    progress, stop, shown = console.Progress(epochs, "train: epoch"), threading.Event(), 0
+
+    def show() -> None:
+        nonlocal shown
+        for m in ray.get(attempts.since.remote(shown)):
+            shown += 1
+            progress.update(m["epoch"], f"train_loss {m['train_loss']:.4f}, val_accuracy {m['val_accuracy']:.4f}, "
+                                        f"{m['workers']} workers")
+
+    def follow() -> None:
+        while not stop.wait(0.5):
+            show()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join()
+        show()
+        progress.close()
 
 
 def keep_best(paths: RunPaths, checkpoint: bytes, epoch: int) -> None:

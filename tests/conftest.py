@@ -10,7 +10,6 @@ import os
 
 # Read by Ray at import: keeps every address Ray advertises on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train controller poll: each per-epoch report waits for it (2 s by default).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 

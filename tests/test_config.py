@@ -155,13 +155,13 @@ def test_json_logs_keep_the_traceback():
     import json
     import logging
 
-    from raypipe import cli
+    from raypipe import console
 
     try:
         raise RuntimeError("boom")
     except RuntimeError:
         record = logging.LogRecord("raypipe", logging.ERROR, __file__, 1, "failed: %s", ("boom",), sys.exc_info())
-    line = json.loads(cli._JsonFormatter().format(record))
+    line = json.loads(console._JsonFormatter().format(record))
     assert line["message"] == "failed: boom" and "RuntimeError: boom" in line["traceback"]
 
 
@@ -174,3 +174,11 @@ def test_worker_resources_reach_ray_train():
     scaling = scaling_config(cfg.train)
     assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 3, "accelerator_type:A10G": 0.001}
     assert scaling._resources_per_worker_not_none == {"CPU": 3, "GPU": 1, "accelerator_type:A10G": 0.001}
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 3\n  lr 0.1\n  workers: 2\n")
+    done = raypipe("validate", str(bad), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"raypipe: error: {bad}:3:3: could not find expected ':'"]

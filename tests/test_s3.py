@@ -57,3 +57,22 @@ def test_secrets_never_logged_nor_written(s3_run):
         blob = fs.cat_file(obj)
         assert SECRET.encode() not in blob and KEY_ID.encode() not in blob, obj
     assert "endpoint_url" in yaml.safe_load(fs.cat_file(f"{key}/config.yaml"))["storage"]["s3"]
+
+
+def test_runs_lists_sealed_and_incomplete_runs_on_s3(s3_run, s3_endpoint):
+    uri, _, fs = s3_run
+    run_id = uri.rsplit("/", 1)[1]
+    # A run that died after training: its config, data and train.json, no report, no manifest.
+    unfinished = "raypipe-test/runs/digits-20991231-235959-abcdef"
+    for rel in ("config.yaml", "train.json", "data/stats.json"):
+        fs.pipe(f"{unfinished}/{rel}", fs.cat(f"raypipe-test/runs/{run_id}/{rel}"))
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    done = raypipe("runs", "s3://raypipe-test/runs", "--json", env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [r["id"] for r in listed] == ["digits-20991231-235959-abcdef", run_id]  # newest first
+    assert listed[0]["state"] == "incomplete: trained" and listed[0]["promoted"] is None
+    assert listed[1]["state"] == "sealed" and listed[1]["promoted"] == "int8" and listed[1]["uri"] == uri
+    assert listed[1]["best_val_accuracy"] > 0.5 and listed[1]["promoted_size_bytes"] > 0
+    assert SECRET not in done.stdout + done.stderr

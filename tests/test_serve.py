@@ -73,6 +73,13 @@ def server(bundle, staged_run):
             process.communicate()
             pytest.fail("raypipe serve did not stop within 90 s of Ctrl-C")
     assert process.returncode == 0, stderr[-3000:]
+    # What a person sees: one ready line naming the URL, every model and version, and the docs; one line
+    # per scaling event; no per-request access lines and none of Serve's own chatter.
+    ready = [line for line in stderr.splitlines() if "serve: ready on" in line]
+    assert len(ready) == 1 and f"{base}/v2: digits (fp32, int8); digits-cnn (" in ready[0], ready
+    assert f"docs {base}/docs" in ready[0]
+    assert "serve: 2 -> 3 replicas" in stderr and "serve: 3 -> 2 replicas" in stderr, stderr[-3000:]
+    assert "POST /v2/models" not in stderr and "Deployment 'raypipe'" not in stderr
 
 
 def _wait_ready(process: subprocess.Popen, base: str, seconds: float = 180) -> None:

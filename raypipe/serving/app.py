@@ -138,8 +138,11 @@ def build_app(args: ServeArgs | dict) -> Application:
     their own environment (AWS_* variables), never through these arguments, which Ray shows to anyone
     who can read the deployed config."""
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
-    catalog = open_sources(args.sources, args.variants)
-    cfg = args.serve
+    return deployment(open_sources(args.sources, args.variants), args.serve)
+
+
+def deployment(catalog: Catalog, cfg: ServeConfig) -> Application:
+    """The application for a catalog already opened (and verified)."""
     resources = {cfg.node_resource: 0.01} if cfg.node_resource else {}
     actor_options = {"num_cpus": cfg.cpus_per_replica, "resources": resources}
     if cfg.memory_mb:
@@ -159,6 +162,7 @@ def build_app(args: ServeArgs | dict) -> Application:
         },
         ray_actor_options=actor_options,
         health_check_period_s=2,
+        logging_config={"enable_access_log": cfg.access_log},
     ).bind(catalog, cfg.max_batch_size, cfg.batch_wait_ms / 1000, cfg.max_models_per_replica)
 
 

@@ -1,0 +1,240 @@
+"""What a person sees: one line per stage with its time, progress bars on a terminal (plain timestamped lines
+elsewhere), and Ray's internal chatter kept in log files under Ray's session folder instead of the terminal.
+
+Quiet is the default; `-v/--verbose` leaves Ray's logging as Ray configures it. Ray's own warnings and
+errors still reach the terminal either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("raypipe")
+VERBOSE = False  # set by the CLI (-v)
+
+# Ray Data's default logging config, with its console handler raised to WARNING: the execution plans and
+# per-dataset start/finish lines stay in <session>/logs/ray-data/ray-data.log.
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+def interactive() -> bool:
+    """A person is watching: stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+class _TerminalFormatter(logging.Formatter):
+    """Messages as they are; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _TerminalHandler(logging.Handler):
+    """Writes through tqdm, which lifts its bars off the screen for the line and draws them again below."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:  # from the line's start, cleared: a bar Ray Data closed may have left the cursor on its line
+            line = "\r\x1b[2K" + self.format(record)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # `raypipe[edge]` installs no tqdm, and draws no bars
+                print(line, file=sys.stderr, flush=True)
+            else:
+                tqdm.write(line, file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup(fmt: str, verbose: bool) -> None:
+    """raypipe's log lines on stderr: JSON, short lines on a terminal, or timestamped lines (CI, pipes, job
+    logs). Also decides whether Ray's internals are quieted (see `quiet_ray`)."""
+    global VERBOSE
+    VERBOSE = verbose
+    handler = _TerminalHandler() if fmt != "json" and interactive() else logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif interactive():
+        handler.setFormatter(_TerminalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s raypipe %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def quiet_ray() -> None:
+    """Before Ray is imported (every Ray process then inherits it): Ray Data, Serve and Ray Train keep
+    their informational logs in their files under the session folder; only warnings and errors reach the
+    terminal. (Ray Data draws progress bars only when stdout is a terminal; otherwise it logs progress, to
+    its file.) Imports nothing from Ray."""
+    if VERBOSE:
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    # Serve's controller, proxies and replicas log to files under <session>/logs/serve/ only; what matters
+    # (ready, scaling, unhealthy) `raypipe serve` reports itself from serve.status().
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    for name in ("ray.serve", "ray.train"):  # their driver-side informational lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def embedded_ray_env() -> dict[str, str]:
+    """The environment of an embedded local Ray, set before it starts: Ray Train's preemption watcher
+    polls for spot-instance notices, which one machine never gets (its actor is also created with
+    by-reference arguments and restarts, which Ray's core worker reports as an error line)."""
+    return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def ray_runtime_env() -> dict:
+    """The embedded Ray's job-wide runtime environment: quiet Ray's worker processes too (unless -v). Ray
+    Data inside workers (Ray Train's per-epoch ingest) draws no bars: forwarded to this terminal, they
+    would stack up, one set per dataset and epoch."""
+    if VERBOSE:
+        return {}
+    return {"worker_process_setup_hook": "raypipe.console.quiet_ray_worker",
+            "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+
+
+def quiet_ray_worker() -> None:
+    """Runs as each of the embedded Ray's worker processes starts (a documented runtime_env hook)."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    # Deprecations Ray's own modules raise about their own calls (e.g. Ray Train's dataset manager
+    # setting ExecutionOptions.exclude_resources): nothing a raypipe user can act on. A deprecated call
+    # made from raypipe's code is reported as from raypipe's module, and still shows.
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
+    # Ray Train 2.60 logs "Reporting training result N: ..." at INFO from a logger named by its file path
+    # (getLogger(__file__)), which RunConfig's log level, a filter on ray.train.*, does not reach.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def configure_ray_data() -> None:
+    """After Ray starts, in this process: Ray Data draws its bars here, where a person may watch; inside
+    Ray's workers (Ray Train's per-epoch ingest) it logs progress to its file instead of forwarding bars."""
+    if VERBOSE:
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.use_ray_tqdm = False  # in a worker, whose stdout is no terminal: progress goes to ray-data.log
+    context.enable_progress_bar_name_truncation = False  # a long name is cut by the bar itself, unannounced
+    context.enable_progress_bars = False  # only where `ray_data_bars` asks for them, on a terminal
+
+
+@contextlib.contextmanager
+def ray_data_bars() -> Iterator[None]:
+    """Ray Data's own progress bars, on a terminal, for the data stage's passes over the source (the long
+    part of a large data set). Elsewhere (per-epoch reads, evaluation) they would leave a few lines per
+    dataset behind; raypipe shows its own bars there."""
+    from ray.data import DataContext
+    from tqdm import tqdm
+
+    context = DataContext.get_current()
+    before, bars = context.enable_progress_bars, set(tqdm._instances)
+    context.enable_progress_bars = interactive() or VERBOSE
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+        # An execution Ray Data stops early (a `limit` reached) never closes its bar, which tqdm would
+        # then draw again below every later line: close what the stage left open.
+        for bar in set(tqdm._instances) - bars:
+            bar.leave = False
+            bar.close()
+
+
+class RayDataNotices(logging.Filter):
+    """Ray Data's one-time notices that its progress bars are off: raypipe turned them off on purpose
+    (see `ray_data_bars`), so they are kept from the terminal (ray-data.log still has them). Nothing
+    else is held back."""
+
+    NOTICES = ("Progress bars disabled. To enable", "Progress bars for operators disabled. To enable")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+def config_line(resolved: dict, source: str, base: dict) -> str:
+    """The resolved config for the log: all of it as JSON, except on a terminal, where its source and the
+    keys that differ from it say the same in a line (the run's config.yaml holds all of it)."""
+    if not interactive() or VERBOSE:
+        return json.dumps(resolved, separators=(",", ":"))
+    flat_base = _flat(base)
+    changed = [f"{k}={json.dumps(v)}" for k, v in _flat(resolved).items() if flat_base.get(k, object()) != v]
+    return f"{source}" + (f" with {', '.join(changed)}" if changed else "")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def ray_log_level() -> str:
+    """For Ray Train's RunConfig(logging_config=...): what its controller and workers print."""
+    return "INFO" if VERBOSE else "WARNING"
+
+
+@contextlib.contextmanager
+def stage(name: str, what: str = "") -> Iterator[dict]:
+    """One line as a stage starts and one as it ends, with its time. The caller may put a short result
+    in the yielded dict's "done" key ("1797 rows kept")."""
+    began, outcome = time.monotonic(), {"done": ""}
+    log.info("%s: %s", name, what or "started")
+    yield outcome
+    elapsed = time.monotonic() - began
+    log.info("%s: done in %s%s", name, _duration(elapsed), f" ({outcome['done']})" if outcome["done"] else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
+
+
+class Progress:
+    """A progress bar on a terminal (tqdm, on stderr); elsewhere one log line per update."""
+
+    def __init__(self, total: int, desc: str, log_updates: bool = True):
+        self.desc, self.total, self.log_updates = desc, total, log_updates
+        self.bar = None
+        if interactive():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+
+    def update(self, done: int, note: str) -> None:
+        if self.bar is None:
+            if self.log_updates:
+                log.info("%s %d/%d %s", self.desc, done, self.total, note)
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(note, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

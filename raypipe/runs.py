@@ -1,0 +1,81 @@
+"""The runs under a storage root, as `raypipe runs` lists them: read from each run's small files, local or S3."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import posixpath
+import re
+from typing import Any
+
+from raypipe.config import S3Config
+from raypipe.storage import MANIFEST, RunPaths, filesystem, strip_scheme
+
+# <name>-YYYYMMDD-HHMMSS-<hex>, as RunPaths.create names a run
+RUN_ID = re.compile(r"^(?P<name>.+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{6}$")
+COLUMNS = ("id", "date", "model", "state", "best val acc", "promoted", "size")
+
+
+def list_runs(root: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
+    """Every run folder under `root`, newest first: id, date, model name, state (sealed, or the last stage
+    reached), best validation accuracy, promoted variant and its size."""
+    root = root.rstrip("/")
+    fs = filesystem(root, s3)
+    if not fs.isdir(strip_scheme(root)):
+        return []
+    found = []
+    for folder in fs.ls(strip_scheme(root), detail=False):
+        match = RUN_ID.match(posixpath.basename(folder))
+        if match and fs.isdir(folder):
+            found.append(_describe(RunPaths(root, match.group(0), s3 or S3Config()), match))
+    return sorted(found, key=lambda run: run["date"], reverse=True)
+
+
+def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
+    present = set(paths.fs.ls(paths.path(""), detail=False))
+    has = {posixpath.basename(p) for p in present}
+    run = {
+        "id": paths.run_id,
+        "uri": paths.uri,
+        "date": dt.datetime.strptime(match.group("stamp"), "%Y%m%d-%H%M%S").replace(
+            tzinfo=dt.timezone.utc).isoformat(),
+        "model": match.group("name"),
+        "state": "sealed" if MANIFEST in has else _stage(has),
+        "best_val_accuracy": None,
+        "promoted": None,
+        "promoted_size_bytes": None,
+    }
+    try:
+        if "train.json" in has:
+            run["best_val_accuracy"] = paths.read_json("train.json")["best_val_accuracy"]
+        if "report.json" in has:
+            report = paths.read_json("report.json")
+            run["model"] = report["config"]["name"]
+            promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
+            run["promoted"], run["promoted_size_bytes"] = promoted["name"], promoted["size_bytes"]
+    except (ValueError, KeyError, StopIteration, OSError):  # a damaged file: listed, marked, not fatal
+        run["state"] += " (damaged)"
+    return run
+
+
+def _stage(has: set[str]) -> str:
+    """How far an unsealed run got."""
+    for name, stage in (("report.json", "compressed, unsealed"), ("train.json", "trained"),
+                        ("checkpoints", "training"), ("data", "data")):
+        if name in has:
+            return f"incomplete: {stage}"
+    return "incomplete: started"
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    rows = [COLUMNS] + [(
+        r["id"], r["date"][:16].replace("T", " "), r["model"], r["state"],
+        "" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}",
+        r["promoted"] or "", "" if r["promoted_size_bytes"] is None else f"{r['promoted_size_bytes'] / 1024:.1f} KiB",
+    ) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def to_json(runs: list[dict[str, Any]]) -> str:
+    return json.dumps(runs, indent=2)

@@ -1,0 +1,154 @@
+"""What a person sees: `raypipe run` on a terminal (a pseudo-terminal here) tells the story in a few dozen
+lines, piped output carries no progress-bar control characters, runs are listed and shown from the
+terminal, and report.html opens on its own."""
+
+import base64
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+import time
+from html.parser import HTMLParser
+from io import BytesIO
+from pathlib import Path
+
+import matplotlib.image
+import pyte
+
+from tests.conftest import REPO, raypipe
+
+CONTROL = re.compile(r"\r|\x1b\[")
+
+
+COLUMNS, ROWS = 120, 40
+
+
+def _on_a_terminal(*args: str, timeout: float = 400) -> tuple[int, str]:
+    """Run raypipe with stdout and stderr on a 120x40 pseudo-terminal, as in a person's shell."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "raypipe", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                               stdout=follower, stderr=follower, env={**_without_test_settings(), "TERM": "xterm"})
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: every process writing to it has exited
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+def _without_test_settings() -> dict[str, str]:
+    """The environment a person's shell has: none of the settings conftest makes for the suite."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
+
+
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows after this output: a terminal emulator (pyte) draws it, so a progress
+    bar redrawn in place or erased when done leaves what it leaves on a real screen. The screen is tall
+    enough that nothing scrolls off."""
+    screen = pyte.Screen(COLUMNS, 2000)
+    pyte.ByteStream(screen).feed(text.encode())
+    rows = [row.rstrip() for row in screen.display]
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def test_a_run_on_a_terminal_tells_the_story_in_few_lines(tmp_path):
+    code, text = _on_a_terminal("run", "--smoke-test", "--set", f"storage.root={tmp_path}")
+    assert code == 0, text[-3000:]
+    rows = _screen(text)
+    # The long config line wraps on screen; the rest is one row per line.
+    assert len(rows) < 60, "\n".join(rows)
+    lines = [row.strip() for row in rows]
+    for stage in ("data", "train", "compress", "report"):
+        assert any(re.match(rf"{stage}: done in [\d.]+ s", line) for line in lines), stage
+    uri = lines[-1]
+    assert uri.startswith(str(tmp_path)) and (Path(uri) / "MANIFEST.json").is_file()
+    # The epoch bar was drawn with the figures as they came, then erased when training ended.
+    assert re.search(r"train: epoch .* 4/4 .*train_loss [\d.]+, val_accuracy 0\.\d{4}", text)
+    summary = "\n".join(rows)
+    assert f"next      raypipe serve {uri}" in summary and f"run       {uri}" in summary
+    assert re.search(r"promoted  int8: [\d.]+ KiB, test accuracy 0\.\d{4}", summary)
+    # Ray's internals stayed in their files: no execution plans, no placement-group cleaner, no notices.
+    for noise in ("Execution plan", "PlacementGroupCleaner", "State API", "tqdm is not installed",
+                  "Token authentication", "Reporting training result"):
+        assert noise not in text, noise
+
+
+def test_piped_output_is_plain_timestamped_lines(smoke_run):
+    stderr = smoke_run.process.stderr
+    assert not CONTROL.search(stderr + smoke_run.process.stdout)
+    ours = [line for line in stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+    assert ours and all(re.match(r"\d\d:\d\d:\d\d raypipe (INFO|WARNING) ", line) for line in ours)
+    assert "Progress bars" not in stderr and "dataset sampling" not in stderr
+    assert any("train: epoch 4/4 train_loss" in line for line in ours), "one line per epoch"
+
+
+def test_runs_lists_sealed_and_incomplete_runs(smoke_run, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(smoke_run.path, root / smoke_run.path.name)
+    unfinished = root / "digits-20990101-000000-00beef"  # died during training: data, no train.json
+    shutil.copytree(smoke_run.path / "data", unfinished / "data")
+    (unfinished / "checkpoints").mkdir()
+    done = raypipe("runs", str(root), "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [(r["id"], r["state"]) for r in listed] == [
+        (unfinished.name, "incomplete: training"), (smoke_run.path.name, "sealed")]
+    assert listed[1]["promoted"] == "int8" and listed[1]["best_val_accuracy"] > 0.5
+    table = raypipe("runs", str(root), timeout=60).stdout.splitlines()
+    assert table[0].split() == ["id", "date", "model", "state", "best", "val", "acc", "promoted", "size"]
+    assert table[1].startswith(unfinished.name) and table[2].startswith(smoke_run.path.name)
+
+
+def test_show_prints_the_runs_summary(smoke_run):
+    done = raypipe("show", smoke_run.uri, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"next      raypipe serve {smoke_run.uri}" in done.stdout
+    assert done.stdout.strip() in smoke_run.process.stderr  # the same summary `run` ended with
+    incomplete = raypipe("show", str(smoke_run.path / "data"), timeout=60)
+    assert incomplete.returncode == 2 and "no report.json" in incomplete.stderr
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        self.links += [v for k, v in attrs.items() if k in ("href", "src") and tag != "img"]
+
+
+def test_the_html_report_is_self_contained(smoke_run):
+    page = _Links()
+    page.feed((smoke_run.path / "report.html").read_text())
+    assert len(page.images) == 2 and page.links == []
+    for src in page.images:
+        kind, _, data = src.partition(",")
+        assert kind == "data:image/png;base64"
+        png = base64.b64decode(data, validate=True)
+        height, width, _ = matplotlib.image.imread(BytesIO(png), format="png").shape
+        assert width > 300 and height > 200
+    manifest = json.loads((smoke_run.path / "MANIFEST.json").read_text())
+    assert "report.html" in manifest["files"]
