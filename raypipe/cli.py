@@ -30,8 +30,13 @@ def _load_config(args: argparse.Namespace) -> Config:
     overrides = dict(config_mod.SMOKE_OVERRIDES) if getattr(args, "smoke_test", False) else {}
     overrides.update(config_mod.parse_override(item) for item in args.set or [])
     cfg = config_mod.load(args.config, overrides)
-    log.info("config %s", console.config_line(cfg.public_dict(), args.config or "configs/default.yaml",
-                                              config_mod.load(args.config).public_dict()))
+    base = None
+    if console.compact():
+        try:
+            base = config_mod.load(args.config).public_dict()
+        except ConfigError:  # valid only with the overrides: log the whole resolved config instead
+            pass
+    log.info("config %s", console.config_line(cfg.public_dict(), args.config or "configs/default.yaml", base))
     return cfg
 
 
@@ -154,7 +159,7 @@ def _run_config(args: argparse.Namespace):
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
     tree = yaml.safe_load(paths.read_bytes("config.yaml"))
     tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
-    base = config_mod.validate(copy.deepcopy(tree)).public_dict()
+    base = config_mod.validate(copy.deepcopy(tree)).public_dict() if console.compact() else None
     cfg = config_mod.validate(tree, overrides)
     log.info("config %s", console.config_line(cfg.public_dict(), f"{paths.uri}/config.yaml", base))
     return cfg, paths
@@ -302,9 +307,10 @@ class _ScalingWatch:
         running = deployment.replica_states.get("RUNNING", 0)
         if self.replicas is not None and running != self.replicas:
             log.info("serve: %d -> %d replicas", self.replicas, running)
-        if deployment.status != self.status and deployment.status in ("UNHEALTHY", "DEPLOY_FAILED"):
-            log.warning("serve: %s: %s", deployment.status, deployment.message)
-        self.replicas, self.status = running, deployment.status
+        status = getattr(deployment.status, "value", deployment.status)
+        if status != self.status and status in ("UNHEALTHY", "DEPLOY_FAILED"):
+            log.warning("serve: %s: %s", status, deployment.message)
+        self.replicas, self.status = running, status
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -441,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--variants", metavar="V1,V2", help="serve only these variants (default: every accepted one)")
     serve.add_argument("--access-log", action="store_true",
-                       help="log every request (off by default: it costs throughput)")
+                       help="log every request, with Serve's own logs (off by default: it costs throughput)")
     _common(serve, config_help="config whose serve.* keys set replicas, batching and the proxy, and whose "
                                "storage.s3 reaches the sources (default: configs/default.yaml)")
     serve.set_defaults(func=cmd_serve)
@@ -503,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `raypipe runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # a runtime failure: say what, keep the traceback in the log
         log.exception("failed: %s", err)
         print(f"raypipe: error: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Iterator
 
 log = logging.getLogger("raypipe")
 VERBOSE = False  # set by the CLI (-v)
+FORMAT = "text"  # set by the CLI (--log-format)
 
 # Ray Data's default logging config, with its console handler raised to WARNING: the execution plans and
 # per-dataset start/finish lines stay in <session>/logs/ray-data/ray-data.log.
@@ -25,8 +26,8 @@ RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
 def interactive() -> bool:
-    """A person is watching: stderr is a terminal."""
-    return sys.stderr.isatty()
+    """A person is watching: stderr is a terminal, and the logs are not JSON for a machine."""
+    return FORMAT != "json" and sys.stderr.isatty()
 
 
 class _JsonFormatter(logging.Formatter):
@@ -65,8 +66,8 @@ class _TerminalHandler(logging.Handler):
 def setup(fmt: str, verbose: bool) -> None:
     """raypipe's log lines on stderr: JSON, short lines on a terminal, or timestamped lines (CI, pipes, job
     logs). Also decides whether Ray's internals are quieted (see `quiet_ray`)."""
-    global VERBOSE
-    VERBOSE = verbose
+    global VERBOSE, FORMAT
+    VERBOSE, FORMAT = verbose, fmt
     handler = _TerminalHandler() if fmt != "json" and interactive() else logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -122,10 +123,12 @@ def quiet_ray_worker() -> None:
     # made from raypipe's code is reported as from raypipe's module, and still shows.
     warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
     # Ray Train 2.60 logs "Reporting training result N: ..." at INFO from a logger named by its file path
-    # (getLogger(__file__)), which RunConfig's log level, a filter on ray.train.*, does not reach.
-    from ray.train.v2._internal.execution import context
+    # (getLogger(__file__)), which RunConfig's log level, a filter on ray.train.*, does not reach. Named
+    # here without importing Ray Train, which every worker (Serve replicas too) would then pay for.
+    import ray
 
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
 
 
 def configure_ray_data() -> None:
@@ -174,10 +177,16 @@ class RayDataNotices(logging.Filter):
         return not record.getMessage().startswith(self.NOTICES)
 
 
-def config_line(resolved: dict, source: str, base: dict) -> str:
+def compact() -> bool:
+    """Short lines for a person: on a terminal, unless -v."""
+    return interactive() and not VERBOSE
+
+
+def config_line(resolved: dict, source: str, base: dict | None) -> str:
     """The resolved config for the log: all of it as JSON, except on a terminal, where its source and the
-    keys that differ from it say the same in a line (the run's config.yaml holds all of it)."""
-    if not interactive() or VERBOSE:
+    keys that differ from it (`base`, the source without overrides) say the same in a line; the run's
+    config.yaml holds all of it."""
+    if not compact() or base is None:
         return json.dumps(resolved, separators=(",", ":"))
     flat_base = _flat(base)
     changed = [f"{k}={json.dumps(v)}" for k, v in _flat(resolved).items() if flat_base.get(k, object()) != v]

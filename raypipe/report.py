@@ -5,16 +5,22 @@ from __future__ import annotations
 import base64
 import html
 import io
+import shlex
 from importlib.metadata import version
 from typing import Any
 
-import matplotlib
+from raypipe.records import DataStats, TrainSummary, Variant
+from raypipe.storage import RunPaths, sha256_bytes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from raypipe.records import DataStats, TrainSummary, Variant  # noqa: E402
-from raypipe.storage import RunPaths, sha256_bytes  # noqa: E402
+def _pyplot():
+    """matplotlib, imported only to draw (`raypipe show` and the summary need none of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def versions() -> dict[str, str]:
@@ -50,6 +56,7 @@ def build(paths: RunPaths, public_config: dict[str, Any], stats: DataStats, trai
 
 
 def _training_plot(history: list[dict[str, Any]]) -> bytes:
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
@@ -64,6 +71,7 @@ def _training_plot(history: list[dict[str, Any]]) -> bytes:
 
 
 def _variants_plot(variants: list[dict[str, Any]]) -> bytes:
+    plt = _pyplot()
     names = [v["name"] for v in variants]
     colors = ["tab:blue" if v["accepted"] else "tab:red" for v in variants]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
@@ -84,7 +92,7 @@ def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -161,7 +169,8 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     data, trained = report["data"], report["train"]
     dropped = sum(data["rows_dropped"].values())
     reasons = ", ".join(f"{n} {why}" for why, n in data["rows_dropped"].items() if n) or "none"
-    best = max(trained["history"], key=lambda h: h["val_accuracy"])
+    # The epoch whose checkpoint was kept as the best (and compressed), as the train stage reported it.
+    best = next(h for h in trained["history"] if h["epoch"] == trained["best_epoch"])
     promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
     return [
         ("data", f"{data['rows_read']} rows read, {data['rows_read'] - dropped} kept, {dropped} dropped ({reasons}); "
@@ -172,7 +181,7 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("promoted", f"{promoted['name']}: {_kib(promoted['size_bytes'])}, test accuracy "
                      f"{promoted['test_accuracy']:.4f}"),
         ("run", report["uri"]),
-        ("next", f"raypipe serve {report['uri']}"),
+        ("next", f"raypipe serve {shlex.quote(report['uri'])}"),
     ]
 
 

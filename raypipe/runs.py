@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import posixpath
 import re
+from pathlib import Path
 from typing import Any
 
 from raypipe.config import S3Config
@@ -19,7 +20,7 @@ COLUMNS = ("id", "date", "model", "state", "best val acc", "promoted", "size")
 def list_runs(root: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
     """Every run folder under `root`, newest first: id, date, model name, state (sealed, or the last stage
     reached), best validation accuracy, promoted variant and its size."""
-    root = root.rstrip("/")
+    root = root.rstrip("/") if root.startswith("s3://") else str(Path(root).expanduser().resolve())
     fs = filesystem(root, s3)
     if not fs.isdir(strip_scheme(root)):
         return []
@@ -32,29 +33,29 @@ def list_runs(root: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
 
 
 def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
-    present = set(paths.fs.ls(paths.path(""), detail=False))
-    has = {posixpath.basename(p) for p in present}
     run = {
         "id": paths.run_id,
         "uri": paths.uri,
         "date": dt.datetime.strptime(match.group("stamp"), "%Y%m%d-%H%M%S").replace(
             tzinfo=dt.timezone.utc).isoformat(),
         "model": match.group("name"),
-        "state": "sealed" if MANIFEST in has else _stage(has),
+        "state": "unreadable",
         "best_val_accuracy": None,
         "promoted": None,
         "promoted_size_bytes": None,
     }
     try:
+        has = {posixpath.basename(p) for p in paths.fs.ls(paths.path(""), detail=False)}
+        run["state"] = "sealed" if MANIFEST in has else _stage(has)
         if "train.json" in has:
-            run["best_val_accuracy"] = paths.read_json("train.json")["best_val_accuracy"]
+            run["best_val_accuracy"] = float(paths.read_json("train.json")["best_val_accuracy"])
         if "report.json" in has:
             report = paths.read_json("report.json")
-            run["model"] = report["config"]["name"]
+            run["model"] = str(report["config"]["name"])
             promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
-            run["promoted"], run["promoted_size_bytes"] = promoted["name"], promoted["size_bytes"]
-    except (ValueError, KeyError, StopIteration, OSError):  # a damaged file: listed, marked, not fatal
-        run["state"] += " (damaged)"
+            run["promoted"], run["promoted_size_bytes"] = str(promoted["name"]), int(promoted["size_bytes"])
+    except Exception:  # an unreadable folder or a damaged file: listed and marked, never fatal to the list
+        run["state"] += " (damaged)" if run["state"] != "unreadable" else ""
     return run
 
 

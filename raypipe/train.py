@@ -193,8 +193,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
             "weights_drift": drift,
         }
         history.append(metrics)
-        if rank == 0:
-            loop["attempts"].epoch.remote(metrics)
+        if rank == 0:  # waited on, so the driver's last look at it sees every epoch
+            ray.get(loop["attempts"].epoch.remote(metrics))
         done = epoch + 1 == tcfg.epochs
         if rank == 0 and ((epoch + 1) % tcfg.checkpoint_every == 0 or done):
             improved = metrics["val_accuracy"] > best["val_accuracy"]
@@ -288,7 +288,7 @@ def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths) -> Train
             # Ray keeps the latest `keep_checkpoints` (the resume points); rank 0 keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # Its controller's and workers' informational lines stay in <session>/logs/train/ (unless -v).
-            logging_config=ray.LoggingConfig(log_level=console.ray_log_level()),
+            logging_config=ray.train.LoggingConfig(log_level=console.ray_log_level()),
         ),
     )
     with _following(attempts, cfg.train.epochs):
@@ -307,23 +307,32 @@ def _following(attempts, epochs: int):
 
     def show() -> None:
         nonlocal shown
-        for m in ray.get(attempts.since.remote(shown)):
+        for m in ray.get(attempts.since.remote(shown), timeout=30):
             shown += 1
             progress.update(m["epoch"], f"train_loss {m['train_loss']:.4f}, val_accuracy {m['val_accuracy']:.4f}, "
                                         f"{m['workers']} workers")
 
     def follow() -> None:
         while not stop.wait(0.5):
-            show()
+            try:
+                show()
+            except Exception:  # progress is a courtesy: training goes on, and the next look tries again
+                log.debug("train: progress not read", exc_info=True)
 
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
+    failed = True
     try:
         yield
+        failed = False
     finally:
         stop.set()
         follower.join()
-        show()
+        try:
+            show()
+        except Exception:
+            if not failed:  # when training failed, its own error is the one to see
+                raise
         progress.close()
 
 

@@ -27,11 +27,11 @@ from tests.conftest import REPO, raypipe
 CONTROL = re.compile(r"\r|\x1b\[")
 
 
-COLUMNS, ROWS = 120, 40
+COLUMNS, ROWS = 200, 50
 
 
 def _on_a_terminal(*args: str, timeout: float = 400) -> tuple[int, str]:
-    """Run raypipe with stdout and stderr on a 120x40 pseudo-terminal, as in a person's shell."""
+    """Run raypipe with stdout and stderr on a 200x50 pseudo-terminal, as in a person's shell."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     process = subprocess.Popen([sys.executable, "-m", "raypipe", *args], cwd=REPO, stdin=subprocess.DEVNULL,
@@ -96,10 +96,13 @@ def test_a_run_on_a_terminal_tells_the_story_in_few_lines(tmp_path):
 def test_piped_output_is_plain_timestamped_lines(smoke_run):
     stderr = smoke_run.process.stderr
     assert not CONTROL.search(stderr + smoke_run.process.stdout)
-    ours = [line for line in stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
-    assert ours and all(re.match(r"\d\d:\d\d:\d\d raypipe (INFO|WARNING) ", line) for line in ours)
+    log, _, summary = stderr.rstrip().rpartition("\n\n")  # the summary: the block after the last blank line
+    assert summary.startswith("data ") and f"raypipe serve {smoke_run.uri}" in summary
+    for line in log.splitlines():
+        # raypipe's lines, or a warning Ray itself logged (its own timestamp, then the level)
+        assert re.match(r"\d\d:\d\d:\d\d raypipe (INFO|WARNING) |\d{4}-\d\d-\d\d [\d:,]+\s+WARNING ", line), line
     assert "Progress bars" not in stderr and "dataset sampling" not in stderr
-    assert any("train: epoch 4/4 train_loss" in line for line in ours), "one line per epoch"
+    assert "raypipe INFO train: epoch 4/4 train_loss" in log, "one line per epoch"
 
 
 def test_runs_lists_sealed_and_incomplete_runs(smoke_run, tmp_path):

@@ -31,6 +31,12 @@ SCALING = ["--set", "serve.min_replicas=2", "--set", "serve.max_replicas=3", "--
 class Server:
     def __init__(self, process: subprocess.Popen, base: str):
         self.process, self.base = process, base
+        self.lines: list[str] = []  # its stderr, read as it comes (a full pipe would stall its logging)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(process.stderr), daemon=True)
+        self.reader.start()
+
+    def log(self) -> str:
+        return "".join(self.lines)
 
     def replicas(self) -> dict[int, psutil.Process]:
         """The Serve replica processes under this server (the embedded Ray is its child)."""
@@ -57,29 +63,25 @@ def server(bundle, staged_run):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "raypipe", "serve", str(bundle), staged_run.uri, "--port", str(port), *SCALING],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     base = f"http://127.0.0.1:{port}"
+    server = Server(process, base)
     try:
         _wait_ready(process, base)
-        yield Server(process, base)
+        yield server
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
         try:
-            _, stderr = process.communicate(timeout=90)
+            process.wait(timeout=90)
+            server.reader.join(timeout=10)
+            stderr = server.log()
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            process.wait()
             pytest.fail("raypipe serve did not stop within 90 s of Ctrl-C")
     assert process.returncode == 0, stderr[-3000:]
-    # What a person sees: one ready line naming the URL, every model and version, and the docs; one line
-    # per scaling event; no per-request access lines and none of Serve's own chatter.
-    ready = [line for line in stderr.splitlines() if "serve: ready on" in line]
-    assert len(ready) == 1 and f"{base}/v2: digits (fp32, int8); digits-cnn (" in ready[0], ready
-    assert f"docs {base}/docs" in ready[0]
-    assert "serve: 2 -> 3 replicas" in stderr and "serve: 3 -> 2 replicas" in stderr, stderr[-3000:]
-    assert "POST /v2/models" not in stderr and "Deployment 'raypipe'" not in stderr
 
 
 def _wait_ready(process: subprocess.Popen, base: str, seconds: float = 180) -> None:
@@ -276,6 +278,16 @@ def test_replicas_scale_up_under_load_and_back_down_when_idle(server):
     assert set(load.statuses()) == {200}, load.statuses()
     down = _wait_for(lambda: len(server.replicas()) == 2, 60)
     assert down < 60, f"still {len(server.replicas())} replicas when idle"
+    # What the terminal said about it: one line per change in running replicas.
+    assert _wait_for(lambda: "serve: 3 -> 2 replicas" in server.log(), 10) < 10, server.log()[-3000:]
+    assert "serve: 2 -> 3 replicas" in server.log()
+
+
+def test_serve_prints_one_ready_line_and_no_access_lines(server):
+    ready = [line for line in server.log().splitlines() if "serve: ready on" in line]
+    assert len(ready) == 1 and f"{server.base}/v2: digits (fp32, int8); digits-cnn (" in ready[0], ready
+    assert f"docs {server.base}/docs" in ready[0]
+    assert "/v2/models" not in server.log().replace(ready[0], "")  # no per-request access lines
 
 
 def test_a_replica_killed_under_load_costs_only_its_requests_in_flight(server):
