@@ -25,6 +25,13 @@ FORMAT = "text"  # set by the CLI (--log-format)
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
+def columns(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of text cells as aligned lines, two spaces apart; the columns in `right` flush right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
 def interactive() -> bool:
     """A person is watching: stderr is a terminal, and the logs are not JSON for a machine."""
     return FORMAT != "json" and sys.stderr.isatty()

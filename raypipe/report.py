@@ -9,6 +9,7 @@ import shlex
 from importlib.metadata import version
 from typing import Any
 
+from raypipe import console
 from raypipe.records import DataStats, TrainSummary, Variant
 from raypipe.storage import RunPaths, sha256_bytes
 
@@ -187,14 +188,12 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 def summary(report: dict[str, Any]) -> str:
     """The run's summary as plain text lines (no colour, no control characters)."""
-    width = max(len(k) for k, _ in _facts(report))
-    table = [VARIANT_COLUMNS, *_variant_rows(report)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(VARIANT_COLUMNS))]
-    lines = [f"{k:<{width}}  {v}" for k, v in _facts(report)[:2]]
-    lines += [f"{'variants' if i == 0 else '':<{width}}  " + "  ".join(
-        cell.ljust(w) if c in (0, 5) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-        for i, row in enumerate(table)]
-    lines += [f"{k:<{width}}  {v}" for k, v in _facts(report)[2:]]
+    facts = _facts(report)
+    width = max(len(k) for k, _ in facts)
+    variants = console.columns([VARIANT_COLUMNS, *_variant_rows(report)], right=(1, 2, 3, 4))
+    lines = [f"{k:<{width}}  {v}" for k, v in facts[:2]]
+    lines += [f"{'variants' if i == 0 else '':<{width}}  {row}" for i, row in enumerate(variants)]
+    lines += [f"{k:<{width}}  {v}" for k, v in facts[2:]]
     return "\n".join(lines)
 
 

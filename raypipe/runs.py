@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from raypipe import console
 from raypipe.config import S3Config
 from raypipe.storage import MANIFEST, RunPaths, filesystem, strip_scheme
 
@@ -74,8 +75,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         "" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}",
         r["promoted"] or "", "" if r["promoted_size_bytes"] is None else f"{r['promoted_size_bytes'] / 1024:.1f} KiB",
     ) for r in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(console.columns(rows))
 
 
 def to_json(runs: list[dict[str, Any]]) -> str:
