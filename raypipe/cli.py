@@ -145,7 +145,10 @@ def _summarize(args: argparse.Namespace, paths) -> None:
     if args.log_format == "text":
         from raypipe import report
 
-        print(f"\n{report.summary(paths.read_json('report.json'))}\n", file=sys.stderr, flush=True)
+        try:
+            print(f"\n{report.summary(paths.read_json('report.json'))}\n", file=sys.stderr, flush=True)
+        except Exception as err:  # the run is sealed: a summary that cannot be shown must not fail it
+            log.warning("summary not shown: %s (raypipe show %s tries again)", err, paths.uri)
 
 
 def _run_config(args: argparse.Namespace):
@@ -159,7 +162,12 @@ def _run_config(args: argparse.Namespace):
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
     tree = yaml.safe_load(paths.read_bytes("config.yaml"))
     tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
-    base = config_mod.validate(copy.deepcopy(tree)).public_dict() if console.compact() else None
+    base = None
+    if console.compact():
+        try:
+            base = config_mod.validate(copy.deepcopy(tree)).public_dict()
+        except ConfigError:  # valid only with the overrides: log the whole resolved config instead
+            pass
     cfg = config_mod.validate(tree, overrides)
     log.info("config %s", console.config_line(cfg.public_dict(), f"{paths.uri}/config.yaml", base))
     return cfg, paths
@@ -279,9 +287,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         models = "; ".join(f"{name} ({', '.join(spec.versions)})" for name, spec in catalog.models.items())
         log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
-        watch = _ScalingWatch()
-        while not stop.wait(1.0):
-            watch.check()
+        # Watched from a thread: a Serve controller slow to answer never delays Ctrl-C.
+        threading.Thread(target=_ScalingWatch().run, args=(stop,), daemon=True).start()
+        stop.wait()
     finally:
         log.info("serve: draining in-flight requests and shutting down")
         serve.shutdown()
@@ -296,6 +304,10 @@ class _ScalingWatch:
 
     def __init__(self):
         self.replicas, self.status = None, None
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self.check()
 
     def check(self) -> None:
         from ray import serve
@@ -350,14 +362,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(text: str) -> None:
+    """A listing on stdout; a reader that stops early (`raypipe runs | head`) has what it wanted."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     """List the runs under a storage root (local or s3://), newest first."""
     from raypipe import runs
 
-    cfg = config_mod.load(args.config)
-    root = args.root or cfg.storage.root
-    found = runs.list_runs(root, cfg.storage.s3)
-    print(runs.to_json(found) if args.json else runs.table(found) if found else f"no runs under {root}")
+    cfg = config_mod.load(args.config, {"storage.root": args.root} if args.root else None)  # the root checked
+    found = runs.list_runs(cfg.storage.root, cfg.storage.s3)
+    _emit(runs.to_json(found) if args.json else runs.table(found) if found else f"no runs under {cfg.storage.root}")
     return 0
 
 
@@ -369,7 +388,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     paths = RunPaths.open(args.run, config_mod.load(args.config).storage.s3 if args.config else None)
     if not paths.exists("report.json"):
         raise ConfigError(f"{args.run}: no report.json (the run is incomplete: `raypipe runs` shows how far it got)")
-    print(report.summary(paths.read_json("report.json")))
+    try:
+        summary = report.summary(paths.read_json("report.json"))
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration) as err:
+        raise ConfigError(f"{paths.uri}/report.json: not a raypipe report ({type(err).__name__}: {err})") from None
+    _emit(summary)
     if not paths.exists(MANIFEST):
         print("warning: not sealed (no MANIFEST.json): its files are not vouched for", file=sys.stderr)
     return 0
@@ -509,9 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `raypipe runs | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except Exception as err:  # a runtime failure: say what, keep the traceback in the log
         log.exception("failed: %s", err)
         print(f"raypipe: error: {err}", file=sys.stderr)

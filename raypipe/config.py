@@ -7,12 +7,15 @@ No Ray or torch imports here: this module must stay cheap to import.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SecretStr, StrictFloat, StrictInt, ValidationError, field_validator, model_validator,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -162,7 +165,7 @@ class TrainConfig(_Model):
     workers: int | WorkersRange = Field(2, description="Number of data-parallel workers, or {min, max}.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; fractions leave room for Ray Data.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu, or cuda for one GPU per worker.")
-    resources_per_worker: dict[str, float] = Field(
+    resources_per_worker: dict[str, StrictFloat | StrictInt] = Field(
         default_factory=dict,
         description="Other Ray resources each worker asks for, e.g. {\"accelerator_type:A10G\": 0.001} or a custom "
                     "node resource: the autoscaler starts the node group that has them.")
@@ -176,11 +179,13 @@ class TrainConfig(_Model):
     @classmethod
     def _resources(cls, resources: dict[str, float]) -> dict[str, float]:
         for name, amount in resources.items():
-            if name in ("CPU", "GPU", "memory"):
+            if not name.strip():
+                raise ValueError("train.resources_per_worker: a resource needs a name")
+            if name.lower() in ("cpu", "gpu", "memory"):
                 raise ValueError(f"train.resources_per_worker.{name}: set by train.cpus_per_worker and "
                                  f"train.device, not here")
-            if not amount > 0:
-                raise ValueError(f"train.resources_per_worker.{name}: must be > 0 (got {amount})")
+            if not 0 < amount < math.inf:
+                raise ValueError(f"train.resources_per_worker.{name}: must be a finite number > 0 (got {amount})")
         return resources
 
     @field_validator("workers", mode="before")

@@ -227,7 +227,8 @@ def stage(name: str, what: str = "") -> Iterator[dict]:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
+    tenths = round(seconds * 10)
+    return f"{tenths / 10:.1f} s" if tenths < 600 else f"{tenths // 600} min {tenths % 600 / 10:04.1f} s"
 
 
 class Progress:

@@ -171,7 +171,8 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     dropped = sum(data["rows_dropped"].values())
     reasons = ", ".join(f"{n} {why}" for why, n in data["rows_dropped"].items() if n) or "none"
     # The epoch whose checkpoint was kept as the best (and compressed), as the train stage reported it.
-    best = next(h for h in trained["history"] if h["epoch"] == trained["best_epoch"])
+    best = next((h for h in trained["history"] if h["epoch"] == trained["best_epoch"]),
+                max(trained["history"], key=lambda h: h["val_accuracy"]))
     promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
     return [
         ("data", f"{data['rows_read']} rows read, {data['rows_read'] - dropped} kept, {dropped} dropped ({reasons}); "

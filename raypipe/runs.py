@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import posixpath
 import re
-from pathlib import Path
 from typing import Any
 
 from raypipe import console
@@ -14,20 +14,20 @@ from raypipe.config import S3Config
 from raypipe.storage import MANIFEST, RunPaths, filesystem, strip_scheme
 
 # <name>-YYYYMMDD-HHMMSS-<hex>, as RunPaths.create names a run
-RUN_ID = re.compile(r"^(?P<name>.+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{6}$")
+RUN_ID = re.compile(r"(?P<name>[\w.-]+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{6}", re.ASCII)  # fullmatch'd
 COLUMNS = ("id", "date", "model", "state", "best val acc", "promoted", "size")
 
 
 def list_runs(root: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
-    """Every run folder under `root`, newest first: id, date, model name, state (sealed, or the last stage
+    """Every run folder (named as raypipe names runs) under `root`, a storage.root as the config made it:
+    absolute, or s3://bucket/prefix. under `root`, newest first: id, date, model name, state (sealed, or the last stage
     reached), best validation accuracy, promoted variant and its size."""
-    root = root.rstrip("/") if root.startswith("s3://") else str(Path(root).expanduser().resolve())
     fs = filesystem(root, s3)
     if not fs.isdir(strip_scheme(root)):
         return []
     found = []
     for folder in fs.ls(strip_scheme(root), detail=False):
-        match = RUN_ID.match(posixpath.basename(folder))
+        match = RUN_ID.fullmatch(posixpath.basename(folder))
         if match and fs.isdir(folder):
             found.append(_describe(RunPaths(root, match.group(0), s3 or S3Config()), match))
     return sorted(found, key=lambda run: run["date"], reverse=True)
@@ -37,8 +37,7 @@ def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
     run = {
         "id": paths.run_id,
         "uri": paths.uri,
-        "date": dt.datetime.strptime(match.group("stamp"), "%Y%m%d-%H%M%S").replace(
-            tzinfo=dt.timezone.utc).isoformat(),
+        "date": "",
         "model": match.group("name"),
         "state": "unreadable",
         "best_val_accuracy": None,
@@ -46,13 +45,16 @@ def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
         "promoted_size_bytes": None,
     }
     try:
+        run["date"] = dt.datetime.strptime(match.group("stamp"), "%Y%m%d-%H%M%S").replace(
+            tzinfo=dt.timezone.utc).isoformat()
         has = {posixpath.basename(p) for p in paths.fs.ls(paths.path(""), detail=False)}
         run["state"] = "sealed" if MANIFEST in has else _stage(has)
         if "train.json" in has:
-            run["best_val_accuracy"] = float(paths.read_json("train.json")["best_val_accuracy"])
+            best = float(paths.read_json("train.json")["best_val_accuracy"])
+            run["best_val_accuracy"] = best if math.isfinite(best) else None
         if "report.json" in has:
             report = paths.read_json("report.json")
-            run["model"] = str(report["config"]["name"])
+            run["model"] = str(report["config"]["name"]).encode("ascii", "backslashreplace").decode()
             promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
             run["promoted"], run["promoted_size_bytes"] = str(promoted["name"]), int(promoted["size_bytes"])
     except Exception:  # an unreadable folder or a damaged file: listed and marked, never fatal to the list

@@ -321,18 +321,15 @@ def _following(attempts, epochs: int):
 
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
-    failed = True
     try:
         yield
-        failed = False
     finally:
         stop.set()
         follower.join()
         try:
-            show()
-        except Exception:
-            if not failed:  # when training failed, its own error is the one to see
-                raise
+            show()  # the epochs since the last look
+        except Exception:  # progress only: never fails (or masks the error of) the training itself
+            log.debug("train: progress not read", exc_info=True)
         progress.close()
 
 

@@ -14,6 +14,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import json  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -115,7 +116,8 @@ class Head:
         roots = []
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.temp_dir in part or self.gcs_address in part for part in proc.info["cmdline"] or []):
+                if any(self.temp_dir in part or re.search(rf"{re.escape(self.gcs_address)}(?!\d)", part)
+                       for part in proc.info["cmdline"] or []):
                     roots.append(proc)
             except psutil.Error:
                 continue

@@ -86,6 +86,7 @@ def test_secrets_are_kept_out_of_the_public_config():
         # A custom resource no local node has would wait forever: refused, naming the key.
         (["--set", "train.resources_per_worker={edge: 1}"], "train.resources_per_worker: ['edge'] exist only"),
         (["--set", "train.resources_per_worker={GPU: 1}"], "train.resources_per_worker.GPU: set by"),
+        (["--set", "train.resources_per_worker={edge: .inf}"], "train.resources_per_worker.edge: must be a finite"),
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--set", "novalue"], "--set 'novalue'"),
     ],
