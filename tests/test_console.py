@@ -155,3 +155,36 @@ def test_the_html_report_is_self_contained(smoke_run):
         assert width > 300 and height > 200
     manifest = json.loads((smoke_run.path / "MANIFEST.json").read_text())
     assert "report.html" in manifest["files"]
+
+
+def test_runs_lists_only_run_shaped_folders_and_survives_damage(tmp_path):
+    (tmp_path / "m-20241399-000000-abcdef").mkdir()  # the shape of a run, an impossible date
+    (tmp_path / "\x1b[31mEVIL\x1b[0m-20240101-000000-abcdef").mkdir()  # not a run name: never printed
+    broken = tmp_path / "digits-20240102-000000-00beef"
+    broken.mkdir()
+    (broken / "train.json").write_text("[1, 2]")  # not a training summary
+    done = raypipe("runs", str(tmp_path), "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = {r["id"]: r for r in json.loads(done.stdout)}
+    assert set(listed) == {"m-20241399-000000-abcdef", broken.name}
+    assert listed[broken.name]["state"] == "incomplete: trained (damaged)"
+    assert listed["m-20241399-000000-abcdef"]["state"] == "unreadable"
+    assert "\x1b" not in raypipe("runs", str(tmp_path), timeout=60).stdout
+    bad_root = raypipe("runs", "gs://bucket/runs", timeout=60)
+    assert bad_root.returncode == 2 and "storage.root: unsupported scheme" in bad_root.stderr
+
+
+def test_show_refuses_a_damaged_report_naming_it(tmp_path):
+    run = tmp_path / "digits-20240101-000000-abcdef"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"run_id": run.name, "data": {}}))
+    done = raypipe("show", str(run), timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"raypipe: error: {run}/report.json: not a raypipe report (KeyError: 'train')"]
+
+
+def test_durations_round_before_they_split_minutes():
+    from raypipe.console import _duration
+
+    assert [_duration(s) for s in (5, 59.96, 119.97, 125.34)] == ["5.0 s", "1 min 00.0 s", "2 min 00.0 s",
+                                                                  "2 min 05.3 s"]
