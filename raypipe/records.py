@@ -84,6 +84,7 @@ class TrainSummary(Record):
     restarts: int
     resizes: int
     start_epochs: list[int] = Field(default_factory=list, description="The epoch each start of the workers began from.")
+    start_workers: list[int] = Field(default_factory=list, description="The worker count of each start.")
     checkpoint: str = Field(description="The best checkpoint, relative to the run.")
 
 

@@ -107,7 +107,8 @@ class Attempts:
 
     def summary(self) -> dict[str, Any]:
         changes = [now != before for before, now in zip(self.worlds, self.worlds[1:])]
-        return {"restarts": changes.count(False), "resizes": changes.count(True), "start_epochs": self.epochs}
+        return {"restarts": changes.count(False), "resizes": changes.count(True), "start_epochs": self.epochs,
+                "start_workers": self.worlds}
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
