@@ -30,6 +30,8 @@ def _load_config(args: argparse.Namespace) -> Config:
     overrides = dict(config_mod.SMOKE_OVERRIDES) if getattr(args, "smoke_test", False) else {}
     overrides.update(config_mod.parse_override(item) for item in args.set or [])
     cfg = config_mod.load(args.config, overrides)
+    if getattr(args, "smoke_test", False):
+        cfg = config_mod.short_finetunes(cfg)
     base = None
     if console.compact():
         try:
@@ -211,16 +213,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """Compress, evaluate, report and seal a trained run; prints its URI."""
+    """Compress, evaluate, report and seal a trained run; on a sealed one, --set compress.recipes={...}
+    adds or replaces just those variants. Prints its URI."""
     cfg, paths = _run_config(args)
     if not paths.exists("train.json"):
         raise ConfigError(f"{args.run}: no train.json; run `raypipe train {args.run}` first")
     from raypipe import data, pipeline
     from raypipe.records import DataStats, TrainSummary
 
+    names = None
+    new_recipes = any(config_mod.parse_override(item)[0].startswith("compress.recipes") for item in args.set or [])
+    if new_recipes and paths.exists("report.json"):
+        stored = (yaml.safe_load(paths.read_bytes("config.yaml")).get("compress") or {}).get("recipes") or {}
+        names = list(cfg.compress.recipes)
+        recipes = {**config_mod.CompressConfig(recipes=stored).recipes, **cfg.compress.recipes}
+        cfg = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"recipes": recipes})})
     stats, trained = DataStats.read(paths, data.STATS), TrainSummary.read(paths, pipeline.TRAIN_SUMMARY)
     _init_ray(args.address, cfg)
-    pipeline.finish(cfg, paths, stats, trained)
+    pipeline.finish(cfg, paths, stats, trained, names)
     _summarize(args, paths)
     _print_last(paths.uri)
     return 0
@@ -235,10 +245,13 @@ def cmd_datagen(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shape {args.shape!r}: expected H,W,C such as 32,32,3") from None
     if args.rows < 1 or args.classes < 2:
         raise ConfigError("--rows must be >= 1 and --classes >= 2")
+    if not 0 <= args.difficulty <= 1:
+        raise ConfigError(f"--difficulty {args.difficulty}: must be between 0 and 1")
     _init_ray(args.address)
     from raypipe import datagen
 
-    datagen.generate(args.out, args.rows, shape, args.classes, args.format, args.seed, args.rows_per_file)
+    datagen.generate(args.out, args.rows, shape, args.classes, args.format, args.seed, args.rows_per_file,
+                     difficulty=args.difficulty)
     _print_last(args.out)
     return 0
 
@@ -453,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     datagen.add_argument("--format", choices=("parquet", "images"), default="parquet",
                          help="parquet (image + label columns) or PNG files in one folder per class")
     datagen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    datagen.add_argument("--difficulty", type=float, default=0.0,
+                         help="0 to 1: how much the classes overlap (patterns wander towards each other, more "
+                              "pixel noise, up to 5%% of labels random); default 0, easy")
     datagen.add_argument("--rows-per-file", type=int, default=10_000, help="rows per parquet file")
     _common(datagen, config=False)
     datagen.set_defaults(func=cmd_datagen)

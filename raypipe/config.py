@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,6 +28,9 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "train.batch_size": 32,
     "compress.latency_repeats": 5,
 }
+
+
+SMOKE_FINETUNE_EPOCHS = 2  # and finetunes of at most this many epochs
 
 
 class ConfigError(ValueError):
@@ -210,11 +214,85 @@ class TrainConfig(_Model):
         return self.workers.min, self.workers.max
 
 
+class PruneStep(_Model):
+    op: Literal["prune"] = "prune"
+    ratio: float = Field(gt=0, lt=1, description="Fraction of the parameters to remove, as whole neurons or channels "
+                                                 "chosen by weight magnitude (the classifier's outputs stay).")
+
+
+class FinetuneStep(_Model):
+    op: Literal["finetune"] = "finetune"
+    epochs: int = Field(3, ge=1, description="Epochs of training after pruning, on Ray Train like the train stage.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default: a fifth of train.lr.")
+
+
+class QuantizeStep(_Model):
+    op: Literal["quantize"] = "quantize"
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="static: int8 QDQ with activation ranges calibrated on train rows (any model); "
+                              "dynamic: int8 weights, activations quantized per call (Linear-only models: mlp).")
+
+
+Step = Annotated[PruneStep | FinetuneStep | QuantizeStep, Field(discriminator="op")]
+EXAMPLES = {"prune": "{ratio: 0.5}", "finetune": "{epochs: 3}", "quantize": "{mode: static}"}
+STEPS = tuple(EXAMPLES)
+
+
+def step_as_config(step: PruneStep | FinetuneStep | QuantizeStep) -> dict[str, Any]:
+    """A step as a user writes it: {prune: {ratio: 0.5}}."""
+    return {step.op: step.model_dump(mode="json", exclude={"op"}, exclude_none=True)}
+
+
 class CompressConfig(_Model):
-    int8: bool = Field(True, description="Also build a statically quantized int8 variant (ONNX Runtime).")
+    recipes: dict[str, list[Step]] = Field(
+        default_factory=lambda: {"int8": [QuantizeStep()]},
+        description="Variants to build besides fp32: name -> ordered steps, each `prune: {ratio}`, `finetune: "
+                    "{epochs, lr}` or `quantize: {mode}` (quantize last). Every variant is exported to ONNX.")
+    promote: Literal["smallest", "fastest", "most_accurate"] = Field(
+        "smallest", description="Which accepted variant is served by default: smallest file, lowest latency at "
+                                "batch 64, or highest test accuracy.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest test-accuracy drop against fp32 a variant may have.")
     calibration_rows: int = Field(512, ge=1, description="Train rows used to calibrate int8 activation ranges.")
     latency_repeats: int = Field(30, ge=1, description="Timed calls per batch size; the median is reported.")
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _steps(cls, recipes: Any) -> Any:
+        """`[prune: {ratio: 0.5}, finetune]` -> [{op: prune, ratio: 0.5}, {op: finetune}]."""
+        if not isinstance(recipes, dict):
+            return recipes
+        parsed = {}
+        for name, steps in recipes.items():
+            where = f"compress.recipes.{name}"
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "fp32":
+                raise ValueError(f"{where}: a variant name is letters, digits, '_', '.' or '-', and not fp32 "
+                                 f"(always built)")
+            if not isinstance(steps, list) or not steps:
+                raise ValueError(f"{where}: a list of steps, e.g. [prune: {{ratio: 0.5}}, finetune: {{epochs: 3}}]")
+            parsed[name] = [_step(step, f"{where}.{i}") for i, step in enumerate(steps)]
+            ops = [step["op"] if isinstance(step, dict) else step.op for step in parsed[name]]
+            if "quantize" in ops[:-1]:
+                raise ValueError(f"{where}.{ops.index('quantize')}: quantize must be the last step")
+        return parsed
+
+
+def _step(step: Any, where: str) -> Any:
+    if isinstance(step, (PruneStep, FinetuneStep, QuantizeStep)):
+        return step
+    if isinstance(step, str):
+        op, options = step, {}
+    elif isinstance(step, dict) and len(step) == 1:
+        (op, options), = step.items()
+        options = {} if options is None else options
+    else:
+        raise ValueError(f"{where}: a step is one name with its options, e.g. prune: {{ratio: 0.5}}")
+    if op not in STEPS:
+        raise ValueError(f"{where}: unknown step {op!r} (steps: {', '.join(STEPS)})")
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}.{op}: options are a mapping, e.g. {op}: {EXAMPLES[op]}")
+    if "op" in options:
+        raise ValueError(f"{where}.{op}.op: unknown key")
+    return {"op": op, **options}
 
 
 class ServeConfig(_Model):
@@ -269,6 +347,16 @@ class Config(_Model):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _dynamic_needs_linear_only(self) -> Config:
+        # ONNX Runtime's dynamic int8 convolution is several times slower than fp32 on CPUs: static it is.
+        for name, steps in self.compress.recipes.items():
+            for i, step in enumerate(steps):
+                if step.op == "quantize" and step.mode == "dynamic" and self.model.arch != "mlp":
+                    raise ValueError(f"compress.recipes.{name}.{i}.quantize.mode: dynamic is for Linear-only models "
+                                     f"(model.arch mlp); {self.model.arch} has convolutions: use static")
+        return self
+
     def rng_seed(self) -> int:
         """`seed` as every random generator downstream takes it (0 <= s < 2**32): a seed in that range
         is used as it is; any other integer (negative, huge) is hashed into it."""
@@ -280,7 +368,16 @@ class Config(_Model):
         """The resolved config as plain data, secrets left out: safe to log and to write."""
         data = self.model_dump(mode="json")
         data["storage"]["s3"] = {k: v for k, v in data["storage"]["s3"].items() if k not in SECRET_FIELDS}
+        data["compress"]["recipes"] = {name: [step_as_config(step) for step in steps]
+                                       for name, steps in self.compress.recipes.items()}
         return data
+
+
+def short_finetunes(cfg: Config, epochs: int = SMOKE_FINETUNE_EPOCHS) -> Config:
+    """`cfg` with every finetune step of at most `epochs` epochs (`--smoke-test`)."""
+    recipes = {name: [step.model_copy(update={"epochs": min(step.epochs, epochs)}) if step.op == "finetune" else step
+                      for step in steps] for name, steps in cfg.compress.recipes.items()}
+    return cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"recipes": recipes})})
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -306,7 +403,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    # An unknown key first: a misspelt option also leaves the real one missing, and the typo is the news.
+    first = next((e for e in err.errors() if e["type"] == "extra_forbidden"), err.errors()[0])
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if any(part in SECRET_FIELDS for part in first["loc"]):

@@ -15,15 +15,26 @@ from raypipe.records import DataStats
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std with fixed, non-trainable statistics."""
+    """(x - mean) / std with fixed, non-trainable statistics. For images standardized per channel, one
+    mean and std per channel are kept (not one per pixel), so an exported file does not carry C x H x W
+    copies of C numbers."""
 
-    def __init__(self, mean: list[float], std: list[float]):
+    def __init__(self, mean: list[float], std: list[float], image_shape: list[int] | None = None):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.channels = 0
+        if image_shape and len(image_shape) == 3:
+            per_mean, per_std = mean_t.view(image_shape[0], -1), std_t.view(image_shape[0], -1)
+            if bool((per_mean == per_mean[:, :1]).all() and (per_std == per_std[:, :1]).all()):
+                mean_t, std_t, self.channels = per_mean[:, :1].clone(), per_std[:, :1].clone(), image_shape[0]
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        if not self.channels:
+            return (x - self.mean) / self.std
+        per_channel = x.reshape(x.shape[0], self.channels, -1)
+        return ((per_channel - self.mean) / self.std).flatten(1)
 
 
 def _mlp(cfg: ModelConfig, features: int, classes: int) -> nn.Sequential:
@@ -91,4 +102,5 @@ def build(cfg: ModelConfig, stats: DataStats) -> nn.Module:
 
 def with_standardize(model: nn.Module, stats: DataStats) -> nn.Module:
     """The model taking raw inputs: the train split's standardization as a fixed first layer."""
-    return nn.Sequential(Standardize(mean=stats.standardize.mean, std=stats.standardize.std), model).eval()
+    standardize = Standardize(stats.standardize.mean, stats.standardize.std, stats.image_shape)
+    return nn.Sequential(standardize, model).eval()

@@ -13,7 +13,7 @@ import yaml
 
 from raypipe import compress, console, data, report, train
 from raypipe.config import Config
-from raypipe.records import DataStats, TrainSummary
+from raypipe.records import DataStats, TrainSummary, Variant
 from raypipe.storage import RunPaths
 
 log = logging.getLogger("raypipe")
@@ -66,14 +66,28 @@ def train_stage(cfg: Config, paths: RunPaths, stats: DataStats) -> TrainSummary:
     return trained
 
 
-def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary) -> None:
+def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary,
+           names: list[str] | None = None) -> None:
     """Compress, evaluate and guard the variants, write the report, then seal the run (unsealed first, when
-    it is compressed again)."""
+    it is compressed again). `names`: build only these recipes and keep the run's other variants as they
+    are (default: build every recipe)."""
     paths.unseal()
-    with console.stage("compress", "export, quantize, evaluate on the test split") as outcome:
-        variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths)
-        promoted = compress.promote(variants)
-        outcome["done"] = f"promoted {promoted}"
+    write_config(cfg, paths)
+    kept = [name for name in cfg.compress.recipes
+            if names is not None and name not in names and paths.exists(f"models/{name}/meta.json")]
+    build = [name for name in cfg.compress.recipes if name not in kept]
+    with console.stage("compress", f"fp32{''.join(', ' + n for n in build)}: build, evaluate on the test split, "
+                                   f"guard") as outcome:
+        built = {v.name: v for v in compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths, build)}
+        built.update({name: Variant.read(paths, f"models/{name}/meta.json") for name in kept})
+        variants = [built[name] for name in ("fp32", *cfg.compress.recipes)]
+        compress.guard(variants, cfg.compress.max_accuracy_drop)
+        for variant in variants:
+            variant.write(paths, f"models/{variant.name}/meta.json")
+            log.info("compress: %s %.1f KiB, test accuracy %.4f, %s", variant.name, variant.size_bytes / 1024,
+                     variant.test_accuracy, "accepted" if variant.accepted else f"rejected: {variant.reason}")
+        promoted = compress.promote(variants, cfg.compress.promote)
+        outcome["done"] = f"promoted {promoted} ({cfg.compress.promote} accepted)"
     with console.stage("report", "report.json, report.md, report.html; sealing") as outcome:
         hashes = paths.hashes(["data/", trained.checkpoint])  # hashed once: for the lineage and the manifest
         report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))

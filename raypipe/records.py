@@ -102,6 +102,11 @@ class Variant(Record):
     reason: str = ""
     input: str = "input"
     output: str = "logits"
+    recipe: list[dict[str, Any]] = Field(default_factory=list, description="The steps as run, with what each found.")
+    params: int = Field(0, description="Parameters of the network (int8 variants: of the network quantized).")
+    macs: int = Field(0, description="Multiply-accumulates per sample.")
+    size_ratio: float = Field(1.0, description="fp32's file size / this one's.")
+    speedup_b64: float = Field(1.0, description="fp32's latency at batch 64 / this one's.")
 
 
 class RunReport(Record):

@@ -71,21 +71,36 @@ def _training_plot(history: list[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def _variants_plot(variants: list[dict[str, Any]]) -> bytes:
+def pareto_front(variants: list[dict[str, Any]]) -> set[str]:
+    """Names of the variants no other variant beats: at least as accurate, as fast at batch 64 and as small,
+    and better in one of them."""
+    def score(v):
+        return (-v["test_accuracy"], v["latency_ms"]["batch_64"], v["size_bytes"])
+
+    return {v["name"] for v in variants
+            if not any(score(o) != score(v) and all(a <= b for a, b in zip(score(o), score(v))) for o in variants)}
+
+
+def _variants_plot(variants: list[dict[str, Any]], max_drop: float) -> bytes:
+    """Accuracy against latency at batch 64, each marker's area in proportion to the file size; the
+    Pareto front ringed, rejected variants in red, the guard's floor dashed."""
     plt = _pyplot()
-    names = [v["name"] for v in variants]
-    colors = ["tab:blue" if v["accepted"] else "tab:red" for v in variants]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    panels = (
-        ("size (KiB)", [v["size_bytes"] / 1024 for v in variants]),
-        ("test accuracy", [v["test_accuracy"] for v in variants]),
-        ("latency, batch 64 (ms)", [v["latency_ms"]["batch_64"] for v in variants]),
-    )
-    for axis, (title, values) in zip(axes, panels):
-        axis.bar(names, values, color=colors)
-        axis.set_title(title)
-        axis.grid(axis="y", alpha=0.3)
-    fig.suptitle("Variants (red: rejected by the accuracy guard)")
+    front, largest = pareto_front(variants), max(v["size_bytes"] for v in variants)
+    fig, axis = plt.subplots(figsize=(8, 4.6))
+    for i, v in enumerate(sorted(variants, key=lambda v: v["latency_ms"]["batch_64"])):
+        x, y = v["latency_ms"]["batch_64"], v["test_accuracy"]
+        axis.scatter(x, y, s=60 + 900 * v["size_bytes"] / largest, alpha=0.6,
+                     color="tab:blue" if v["accepted"] else "tab:red",
+                     edgecolors="black" if v["name"] in front else "none", linewidths=2)
+        axis.annotate(f"{v['name']} ({v['size_bytes'] / 1024:.0f} KiB)", (x, y), textcoords="offset points",
+                      xytext=(8, 10 if i % 2 == 0 else -16), fontsize=8)  # alternate: neighbours' labels apart
+    baseline = next(v for v in variants if v["name"] == "fp32")["test_accuracy"]
+    axis.axhline(baseline - max_drop, color="tab:red", linestyle="--", linewidth=1,
+                 label=f"guard: fp32 accuracy - {max_drop}")
+    axis.set(xlabel="latency at batch 64, one thread (ms)", ylabel="test accuracy",
+             title="Variants: marker area = file size; black ring = Pareto front; red = rejected")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
 
@@ -113,14 +128,16 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "![training curves](plots/training.png)",
         "",
-        "| variant | format | size (KiB) | test accuracy | latency b=1 (ms) | latency b=64 (ms) | accepted | reason |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| variant | recipe | params | MACs | size (KiB) | smaller | test accuracy | latency b=1 (ms) "
+        "| latency b=64 (ms) | faster b=64 | accepted | reason |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for v in report["variants"]:
         lines.append(
-            f"| {v['name']}{' (promoted)' if v['name'] == report['promoted'] else ''} | {v['format']} | "
-            f"{v['size_bytes'] / 1024:.1f} | {v['test_accuracy']:.4f} | {v['latency_ms']['batch_1']:.3f} | "
-            f"{v['latency_ms']['batch_64']:.3f} | {'yes' if v['accepted'] else 'no'} | {v['reason']} |"
+            f"| {v['name']}{' (promoted)' if v['name'] == report['promoted'] else ''} | {recipe_text(v['recipe'])} | "
+            f"{v['params']} | {v['macs']} | {v['size_bytes'] / 1024:.1f} | {v['size_ratio']:.2f}x | "
+            f"{v['test_accuracy']:.4f} | {v['latency_ms']['batch_1']:.3f} | {v['latency_ms']['batch_64']:.3f} | "
+            f"{v['speedup_b64']:.2f}x | {'yes' if v['accepted'] else 'no'} | {v['reason']} |"
         )
     lines += ["", "![variants](plots/variants.png)", ""]
     return "\n".join(lines)
@@ -150,15 +167,23 @@ def _html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     )
 
 
-VARIANT_COLUMNS = ("variant", "size", "test accuracy", "b=1 ms", "b=64 ms", "accepted")
+VARIANT_COLUMNS = ("variant", "size", "smaller", "test accuracy", "b=1 ms", "b=64 ms", "faster", "accepted")
 
 
 def _variant_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    baseline = next(v for v in report["variants"] if v["name"] == "fp32")["test_accuracy"]
     return [(
         f"{v['name']}{' *' if v['name'] == report['promoted'] else ''}", _kib(v["size_bytes"]),
-        f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}", f"{v['latency_ms']['batch_64']:.3f}",
-        "yes" if v["accepted"] else f"no: {v['reason']}",
+        f"{v['size_ratio']:.2f}x", f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}",
+        f"{v['latency_ms']['batch_64']:.3f}", f"{v['speedup_b64']:.2f}x",
+        "yes" if v["accepted"] else f"no, drop {baseline - v['test_accuracy']:.4f}",
     ) for v in report["variants"]]
+
+
+def recipe_text(recipe: list[dict[str, Any]]) -> str:
+    """The steps as run, short: `prune 0.5, finetune 5, quantize static`."""
+    short = {"prune": "ratio", "finetune": "epochs", "quantize": "mode"}
+    return ", ".join(f"{op} {options[short[op]]}" for step in recipe for op, options in step.items()) or "-"
 
 
 def _kib(size: int) -> str:
@@ -191,7 +216,7 @@ def summary(report: dict[str, Any]) -> str:
     """The run's summary as plain text lines (no colour, no control characters)."""
     facts = _facts(report)
     width = max(len(k) for k, _ in facts)
-    variants = console.columns([VARIANT_COLUMNS, *_variant_rows(report)], right=(1, 2, 3, 4))
+    variants = console.columns([VARIANT_COLUMNS, *_variant_rows(report)], right=(1, 2, 3, 4, 5, 6))
     lines = [f"{k:<{width}}  {v}" for k, v in facts[:2]]
     lines += [f"{'variants' if i == 0 else '':<{width}}  {row}" for i, row in enumerate(variants)]
     lines += [f"{k:<{width}}  {v}" for k, v in facts[2:]]
@@ -199,7 +224,8 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def write(paths: RunPaths, report: dict[str, Any]) -> None:
-    plots = {"training": _training_plot(report["train"]["history"]), "variants": _variants_plot(report["variants"])}
+    plots = {"training": _training_plot(report["train"]["history"]),
+             "variants": _variants_plot(report["variants"], report["config"]["compress"]["max_accuracy_drop"])}
     for name, png in plots.items():
         paths.write_bytes(f"plots/{name}.png", png)
     paths.write_bytes("report.md", _markdown(report).encode())

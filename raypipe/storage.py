@@ -161,6 +161,11 @@ class RunPaths:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def remove(self, rel: str) -> None:
+        """Delete a file or folder of the run, if there."""
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)
+
     def upload_dir(self, local_dir: str | os.PathLike, rel: str) -> None:
         """Copy a local folder into the run, file by file, each write atomic."""
         local_dir = Path(local_dir)

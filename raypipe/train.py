@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import threading
 import time
@@ -38,6 +39,12 @@ log = logging.getLogger("raypipe")
 CHECKPOINT_FILE = "checkpoint.pt"
 # The best checkpoint by validation accuracy, kept apart from Ray's rolling last `keep_checkpoints`.
 BEST_CHECKPOINT = "checkpoints/best/" + CHECKPOINT_FILE
+
+
+def best_checkpoint(folder: str = "") -> str:
+    """The best checkpoint of a training whose checkpoints live under `folder` of the run ("": the train
+    stage; compress/<variant>: a finetune)."""
+    return posixpath.join(folder, BEST_CHECKPOINT)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -121,7 +128,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     precision = resolve_precision(tcfg.precision, device.type)
 
-    model = ray.train.torch.prepare_model(models.build(cfg.model, stats))
+    # A finetune starts from the model it is given (pruned: its own shape); training from `model.*`.
+    model = ray.train.torch.prepare_model(models.build(cfg.model, stats) if loop["model"] is None else loop["model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # A grad scaler only does anything for fp16; it is saved and restored either way.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -146,7 +154,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         if rank == 0 and best["epoch"] == start_epoch:
             # Lost after reporting its best checkpoint but before copying it to best/: copy it now.
-            keep_best(loop["paths"], blob, start_epoch)
+            keep_best(loop["paths"], loop["best"], blob, start_epoch)
     if rank == 0:
         ray.get(loop["attempts"].start.remote(world, start_epoch))
 
@@ -217,7 +225,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
                 if improved:  # after the report: best/ never holds an epoch the resumable history lacks
-                    keep_best(loop["paths"], Path(folder, CHECKPOINT_FILE).read_bytes(), epoch + 1)
+                    keep_best(loop["paths"], loop["best"], Path(folder, CHECKPOINT_FILE).read_bytes(), epoch + 1)
         else:
             ray.train.report(metrics)
     return {
@@ -269,21 +277,25 @@ def scaling_config(tcfg: TrainConfig) -> ScalingConfig:
     )
 
 
-def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths) -> TrainSummary:
+def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths, model: nn.Module | None = None,
+        folder: str = "", label: str = "train: epoch") -> TrainSummary:
     """Train on the run's data; returns history, throughput, restarts and the best checkpoint's path.
 
-    Ray Train resumes by itself from the latest checkpoint under `<run>/checkpoints/`: after a worker
-    failure within this call, and across calls on the same run (`raypipe train --resume`)."""
-    attempts = Attempts.remote()
+    `model` given (a finetune), training starts from it rather than from a new `model.*` network, and its
+    checkpoints go under `<run>/<folder>/checkpoints/`. Ray Train resumes by itself from the latest
+    checkpoint there: after a worker failure within this call, and across calls on the same run
+    (`raypipe train --resume`)."""
+    attempts, best = Attempts.remote(), best_checkpoint(folder)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.public_dict(), "stats": stats, "attempts": attempts, "paths": paths},
+        train_loop_config={"config": cfg.public_dict(), "stats": stats, "attempts": attempts, "paths": paths,
+                           "model": model, "best": best},
         scaling_config=scaling_config(cfg.train),
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
         run_config=RunConfig(
             name="checkpoints",
-            storage_path=paths.path(""),
+            storage_path=paths.path(folder),
             storage_filesystem=paths.arrow_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # Ray keeps the latest `keep_checkpoints` (the resume points); rank 0 keeps the best apart.
@@ -292,19 +304,19 @@ def fit(cfg: Config, datasets: dict, stats: DataStats, paths: RunPaths) -> Train
             logging_config=ray.train.LoggingConfig(log_level=console.ray_log_level()),
         ),
     )
-    with _following(attempts, cfg.train.epochs):
+    with _following(attempts, cfg.train.epochs, label):
         result = trainer.fit()
-    summary = TrainSummary(**result.return_value, **ray.get(attempts.summary.remote()), checkpoint=BEST_CHECKPOINT)
-    log.info("train: best checkpoint %s (epoch %d, val_accuracy %.4f)", BEST_CHECKPOINT, summary.best_epoch,
+    summary = TrainSummary(**result.return_value, **ray.get(attempts.summary.remote()), checkpoint=best)
+    log.info("%s: best checkpoint %s (epoch %d, val_accuracy %.4f)", label.split(":")[0], best, summary.best_epoch,
              summary.best_val_accuracy)
     return summary
 
 
 @contextlib.contextmanager
-def _following(attempts, epochs: int):
+def _following(attempts, epochs: int, label: str):
     """Show each epoch as it finishes: a bar with loss and validation accuracy on a terminal, a line
     otherwise."""
-    progress, stop, shown = console.Progress(epochs, "train: epoch"), threading.Event(), 0
+    progress, stop, shown = console.Progress(epochs, label), threading.Event(), 0
 
     def show() -> None:
         nonlocal shown
@@ -334,18 +346,20 @@ def _following(attempts, epochs: int):
         progress.close()
 
 
-def keep_best(paths: RunPaths, checkpoint: bytes, epoch: int) -> None:
-    """Make checkpoints/best/ hold `checkpoint` (of `epoch`), unless it already holds that epoch."""
-    if paths.exists(BEST_CHECKPOINT):
-        held = torch.load(io.BytesIO(paths.read_bytes(BEST_CHECKPOINT)), weights_only=True, map_location="cpu")
+def keep_best(paths: RunPaths, best: str, checkpoint: bytes, epoch: int) -> None:
+    """Make the file `best` hold `checkpoint` (of `epoch`), unless it already holds that epoch."""
+    if paths.exists(best):
+        held = torch.load(io.BytesIO(paths.read_bytes(best)), weights_only=True, map_location="cpu")
         if held["epoch"] == epoch:
             return
-    paths.write_bytes(BEST_CHECKPOINT, checkpoint)
+    paths.write_bytes(best, checkpoint)
 
 
-def load_model(cfg: Config, stats: DataStats, paths: RunPaths, checkpoint: str) -> nn.Module:
-    """The trained fp32 model from a checkpoint file in the run, in eval mode."""
+def load_model(cfg: Config, stats: DataStats, paths: RunPaths, checkpoint: str,
+               model: nn.Module | None = None) -> nn.Module:
+    """The model from a checkpoint file in the run, in eval mode: into `model` (a finetune's own shape), or
+    a new `model.*` network."""
     state = torch.load(io.BytesIO(paths.read_bytes(checkpoint)), weights_only=True, map_location="cpu")
-    model = models.build(cfg.model, stats)
+    model = models.build(cfg.model, stats) if model is None else model
     model.load_state_dict(state["model"])
     return model.eval()

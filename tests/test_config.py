@@ -28,7 +28,7 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 def test_shipped_configs_validate_and_every_key_takes_effect(path: Path):
     cfg = config.load(path)
     assert cfg.train.max_failures >= 1
-    loaded = _leaves(cfg.model_dump())
+    loaded = _leaves(cfg.public_dict())
     for key, value in _leaves(yaml.safe_load(path.read_text())).items():
         if key in ("storage.root", "data.source") and value != "digits":
             value = str(Path(value).expanduser().resolve())  # paths are made absolute
@@ -42,9 +42,9 @@ def test_default_config_is_digits_with_seed():
 
 def test_overrides_parse_yaml_values():
     cfg = config.load(None, dict(config.parse_override(s) for s in
-                                 ["train.workers={min: 1, max: 3}", "train.epochs=5", "compress.int8=false"]))
+                                 ["train.workers={min: 1, max: 3}", "train.epochs=5", "compress.promote=fastest"]))
     assert cfg.train.worker_range() == (1, 3)
-    assert cfg.train.epochs == 5 and cfg.compress.int8 is False
+    assert cfg.train.epochs == 5 and cfg.compress.promote == "fastest"
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_a_run_on_a_terminal_tells_the_story_in_few_lines(tmp_path):
     assert re.search(r"train: epoch .* 4/4 .*train_loss [\d.]+, val_accuracy 0\.\d{4}", text)
     summary = "\n".join(rows)
     assert f"next      raypipe serve {uri}" in summary and f"run       {uri}" in summary
-    assert re.search(r"promoted  int8: [\d.]+ KiB, test accuracy 0\.\d{4}", summary)
+    assert re.search(r"promoted  (int8|pruned|pruned-int8): [\d.]+ KiB, test accuracy 0\.\d{4}", summary)
     # Ray's internals stayed in their files: no execution plans, no placement-group cleaner, no notices.
     for noise in ("Execution plan", "PlacementGroupCleaner", "State API", "tqdm is not installed",
                   "Token authentication", "Reporting training result"):
@@ -116,7 +116,7 @@ def test_runs_lists_sealed_and_incomplete_runs(smoke_run, tmp_path):
     listed = json.loads(done.stdout)
     assert [(r["id"], r["state"]) for r in listed] == [
         (unfinished.name, "incomplete: training"), (smoke_run.path.name, "sealed")]
-    assert listed[1]["promoted"] == "int8" and listed[1]["best_val_accuracy"] > 0.5
+    assert listed[1]["promoted"] == smoke_run.report()["promoted"] and listed[1]["best_val_accuracy"] > 0.5
     table = raypipe("runs", str(root), timeout=60).stdout.splitlines()
     assert table[0].split() == ["id", "date", "model", "state", "best", "val", "acc", "promoted", "size"]
     assert table[1].startswith(unfinished.name) and table[2].startswith(smoke_run.path.name)

@@ -18,7 +18,8 @@ def test_job_submit_runs_the_smoke_pipeline(head, tmp_path):
     root = tmp_path / "runs"
     head.wait_for_job_server()
     done = head.ray("job", "submit", "--address", head.dashboard, "--working-dir", ".", "--",
-                    "python", "-m", "raypipe", "run", "--smoke-test", "--set", f"storage.root={root}")
+                    "python", "-m", "raypipe", "run", "--smoke-test", "--set", f"storage.root={root}",
+                    "--set", "compress.recipes={int8: [quantize]}")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout
     runs = list(root.glob("digits-*"))

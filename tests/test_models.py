@@ -100,9 +100,10 @@ def test_best_is_restored_when_a_worker_was_lost_before_copying_it(tmp_path):
         torch.save({"model": {}, "epoch": epoch, "best": {"epoch": epoch, "val_accuracy": 0.5}}, buffer)
         return buffer.getvalue()
 
-    train.keep_best(paths, checkpoint(2), 2)
-    train.keep_best(paths, checkpoint(3), 3)  # the resumed epoch-3 checkpoint, best but never copied
-    assert torch.load(run / train.BEST_CHECKPOINT, weights_only=True)["epoch"] == 3
-    before = (run / train.BEST_CHECKPOINT).stat().st_ino
-    train.keep_best(paths, checkpoint(3), 3)  # already there: not written again (a write renames a new file in)
-    assert (run / train.BEST_CHECKPOINT).stat().st_ino == before
+    best = train.BEST_CHECKPOINT
+    train.keep_best(paths, best, checkpoint(2), 2)
+    train.keep_best(paths, best, checkpoint(3), 3)  # the resumed epoch-3 checkpoint, best but never copied
+    assert torch.load(run / best, weights_only=True)["epoch"] == 3
+    before = (run / best).stat().st_ino
+    train.keep_best(paths, best, checkpoint(3), 3)  # already there: not written again (a write renames a new file in)
+    assert (run / best).stat().st_ino == before

@@ -39,11 +39,11 @@ def test_report_holds_every_field(smoke_run):
     assert train["history"][-1]["train_loss"] < train["history"][0]["train_loss"]
     assert max(h["val_accuracy"] for h in train["history"]) > 0.5
     names = [v["name"] for v in report["variants"]]
-    assert names == ["fp32", "int8"]
+    assert names == ["fp32", "int8", "pruned", "pruned-int8"]
     for variant in report["variants"]:
         assert VARIANT_KEYS <= variant.keys()
         assert set(variant["latency_ms"]) == {"batch_1", "batch_64"}
-    fp32, int8 = report["variants"]
+    fp32, int8 = report["variants"][:2]
     assert fp32["accepted"] and fp32["test_accuracy"] > 0.5
     assert int8["size_bytes"] < fp32["size_bytes"] / 2
     assert int8["accepted"] == (fp32["test_accuracy"] - int8["test_accuracy"] <= 0.01 + 1e-9)

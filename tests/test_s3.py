@@ -38,8 +38,11 @@ def test_run_lands_on_s3_whole(s3_run, s3_endpoint):
     report = json.loads(fs.cat_file(f"{key}/report.json"))
     assert report["train"]["epochs"] == 4 and report["train"]["checkpoint"].startswith(uri + "/checkpoints/")
     assert report["train"]["precision"] == "bf16"
-    assert [v["name"] for v in report["variants"]] == ["fp32", "int8"]
+    assert [v["name"] for v in report["variants"]] == ["fp32", "int8", "pruned", "pruned-int8"]
     assert all(v["uri"].startswith(uri) for v in report["variants"])
+    # The finetune after pruning ran on Ray Train with its checkpoints on S3, like training's.
+    assert fs.glob(f"{key}/compress/pruned/checkpoints/checkpoint_*/checkpoint.pt")
+    assert report["variants"][2]["recipe"][1]["finetune"]["checkpoint"].startswith(uri + "/compress/pruned/")
     assert fs.glob(f"{key}/data/train/*.parquet") and fs.glob(f"{key}/checkpoints/checkpoint_*/checkpoint.pt")
     paths = RunPaths.open(uri, S3Config(endpoint_url=s3_endpoint, access_key_id=KEY_ID, secret_access_key=SECRET))
     manifest = paths.read_json("MANIFEST.json")
@@ -73,6 +76,7 @@ def test_runs_lists_sealed_and_incomplete_runs_on_s3(s3_run, s3_endpoint):
     listed = json.loads(done.stdout)
     assert [r["id"] for r in listed] == ["digits-20991231-235959-abcdef", run_id]  # newest first
     assert listed[0]["state"] == "incomplete: trained" and listed[0]["promoted"] is None
-    assert listed[1]["state"] == "sealed" and listed[1]["promoted"] == "int8" and listed[1]["uri"] == uri
+    promoted = json.loads(fs.cat_file(f"raypipe-test/runs/{run_id}/report.json"))["promoted"]
+    assert listed[1]["state"] == "sealed" and listed[1]["promoted"] == promoted and listed[1]["uri"] == uri
     assert listed[1]["best_val_accuracy"] > 0.5 and listed[1]["promoted_size_bytes"] > 0
     assert SECRET not in done.stdout + done.stderr

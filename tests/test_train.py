@@ -39,7 +39,7 @@ def test_a_sigkilled_worker_costs_at_most_one_checkpoint_interval(tmp_path):
     root = tmp_path / "runs"
     process = subprocess.Popen(
         [sys.executable, "-m", "raypipe", "run", "--smoke-test", "--set", "train.epochs=6",
-         "--set", f"storage.root={root}"],
+         "--set", f"storage.root={root}", "--set", "compress.recipes={int8: [quantize]}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
