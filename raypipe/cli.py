@@ -162,7 +162,7 @@ def _run_config(args: argparse.Namespace):
     if not paths.exists("config.yaml"):
         raise ConfigError(f"{args.run}: no config.yaml (not a raypipe run)")
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
-    tree = yaml.safe_load(paths.read_bytes("config.yaml"))
+    tree = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))
     tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
     base = None
     if console.compact():
@@ -221,15 +221,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from raypipe import data, pipeline
     from raypipe.records import DataStats, TrainSummary
 
-    names = None
-    new_recipes = any(config_mod.parse_override(item)[0].startswith("compress.recipes") for item in args.set or [])
-    if new_recipes and paths.exists("report.json"):
-        stored = (yaml.safe_load(paths.read_bytes("config.yaml")).get("compress") or {}).get("recipes") or {}
-        names = list(cfg.compress.recipes)
+    names = config_mod.recipes_named(dict(config_mod.parse_override(item) for item in args.set or []))
+    if names is not None and paths.exists("report.json"):  # compressed before: add to its recipes
+        stored = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))["compress"]["recipes"]
         recipes = {**config_mod.CompressConfig(recipes=stored).recipes, **cfg.compress.recipes}
         cfg = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"recipes": recipes})})
+    else:
+        names = None
     stats, trained = DataStats.read(paths, data.STATS), TrainSummary.read(paths, pipeline.TRAIN_SUMMARY)
-    _init_ray(args.address, cfg)
+    finetunes = any(step.op == "finetune" for name, steps in cfg.compress.recipes.items()
+                    if names is None or name in names for step in steps)
+    _init_ray(args.address, cfg, trains=finetunes)
     pipeline.finish(cfg, paths, stats, trained, names)
     _summarize(args, paths)
     _print_last(paths.uri)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import posixpath
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,6 +42,7 @@ from raypipe.storage import RunPaths, sha256_bytes
 log = logging.getLogger("raypipe")
 
 INPUT, OUTPUT = "input", "logits"
+FINETUNES = "compress"  # <run>/compress/<variant>-<digest>/checkpoints/: each finetune's own
 OPSET = 18
 PROMOTE_KEYS = {
     "smallest": lambda v: (v.size_bytes, -v.test_accuracy),
@@ -161,8 +163,9 @@ def prune(model: nn.Module, ratio: float, features: int) -> nn.Module:
     candidates = {}  # parameter count -> the first (round_to, channel fraction) giving it
     for round_to in (16, 8):
         for channel_ratio in np.linspace(0.02, 0.95, 32):
-            params = macs_and_params(pruned(float(channel_ratio), round_to), features)[1]
-            candidates.setdefault(params, (round_to, float(channel_ratio)))
+            cut = pruned(float(channel_ratio), round_to)
+            if min(widths(cut), default=1) > 0:  # a layer narrower than round_to would keep no channel at all
+                candidates.setdefault(macs_and_params(cut, features)[1], (round_to, float(channel_ratio)))
     round_to, channel_ratio = candidates[min(candidates, key=lambda params: abs(params - target))]
     return pruned(channel_ratio, round_to)
 
@@ -214,10 +217,13 @@ class _Builder:
 
     def _finetune(self, name: str, step: FinetuneStep, model: nn.Module,
                   done: list[dict]) -> tuple[nn.Module, list[dict]]:
-        lr = step.lr or self.cfg.train.lr / 5
+        lr = step.lr or self.cfg.train.lr
         tcfg = self.cfg.train.model_copy(update={"epochs": step.epochs, "lr": lr, "warmup_epochs": 0.0})
         cfg = self.cfg.model_copy(update={"train": tcfg})
-        summary = train.fit(cfg, self.datasets, self.stats, self.paths, model=model, folder=f"compress/{name}",
+        # Named by everything it depends on, so that the same steps find (and resume, or reuse) their own
+        # checkpoints, and other steps never do: two finetunes in one recipe, or a recipe replaced by another.
+        folder = f"{FINETUNES}/{name}-{sha256_bytes(json.dumps([done, step_as_config(step), lr]).encode())[:8]}"
+        summary = train.fit(cfg, self.datasets, self.stats, self.paths, model=model, folder=folder,
                             label=f"compress: {name} finetune epoch")
         tuned = train.load_model(cfg, self.stats, self.paths, summary.checkpoint, model=copy.deepcopy(model))
         record = {"finetune": {"epochs": step.epochs, "lr": lr, "best_epoch": summary.best_epoch,
@@ -232,32 +238,47 @@ def _rows(dataset: ray.data.Dataset, limit: int) -> np.ndarray:
 
 
 def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], stats: DataStats, paths: RunPaths,
-        names: list[str] | None = None) -> list[Variant]:
-    """Build, evaluate and store fp32 and the recipes `names` (default: every one in the config); returns
-    their records. The guard is the caller's, over all the run's variants."""
+        kept: dict[str, Variant] | None = None) -> list[Variant]:
+    """Build, evaluate and store fp32 and every recipe but the variants `kept` from an earlier compress of
+    the run (their files stay; they are timed again beside the rest). Returns every variant's record, fp32
+    first, in the config's order; the guard is the caller's."""
+    kept = kept or {}
     trained = train.load_model(cfg, stats, paths, checkpoint)
-    recipes = {"fp32": [], **{n: cfg.compress.recipes[n] for n in (cfg.compress.recipes if names is None else names)}}
-    for name in recipes:  # what an earlier compress left of a variant rebuilt now: a finetune must not resume it
-        paths.remove(f"compress/{name}")
+    recipes = {"fp32": [], **{n: steps for n, steps in cfg.compress.recipes.items() if n not in kept}}
     builder = _Builder(cfg, datasets, stats, paths, trained, _rows(datasets["train"], cfg.compress.calibration_rows))
-    variants, baseline = [], None
+    sample, built = builder.calibration[:1], {}
     progress = console.Progress(len(recipes), "compress:", log_updates=False)
     for name, steps in recipes.items():
         blob, model, done = builder.build(name, steps)
         macs, params = macs_and_params(model, stats.features)
-        variant = Variant(
+        built[name] = Variant(
             name=name, format="onnx", uri=paths.child_uri(f"models/{name}/model.onnx"), sha256=sha256_bytes(blob),
             size_bytes=len(blob), test_accuracy=evaluate.accuracy(blob, datasets["test"]),
-            latency_ms=evaluate.latency_ms(blob, builder.calibration[:1], cfg.compress.latency_repeats),
+            latency_ms=evaluate.latency_ms(blob, sample, cfg.compress.latency_repeats),
             input=INPUT, output=OUTPUT, recipe=done, params=params, macs=macs)
-        baseline = baseline or variant
-        variant.size_ratio = round(baseline.size_bytes / variant.size_bytes, 3)
-        variant.speedup_b64 = round(baseline.latency_ms["batch_64"] / variant.latency_ms["batch_64"], 3)
         paths.write_bytes(f"models/{name}/model.onnx", blob)
-        variants.append(variant)
-        progress.update(len(variants), f"{name} built and evaluated")
+        progress.update(len(built), f"{name} built and evaluated")
     progress.close()
+    for name, variant in kept.items():  # timed now, beside the fp32 their speed-up is against
+        variant.latency_ms = evaluate.latency_ms(paths.read_bytes(f"models/{name}/model.onnx"), sample,
+                                                 cfg.compress.latency_repeats)
+    variants = [built.get(name) or kept[name] for name in ("fp32", *cfg.compress.recipes)]
+    for variant in variants:
+        variant.size_ratio = round(variants[0].size_bytes / variant.size_bytes, 3)
+        variant.speedup_b64 = round(variants[0].latency_ms["batch_64"] / variant.latency_ms["batch_64"], 3)
+    _forget_finetunes(paths, variants)
     return variants
+
+
+def _forget_finetunes(paths: RunPaths, variants: list[Variant]) -> None:
+    """Remove the checkpoints of finetunes that no variant comes from any more (replaced recipes). Folders
+    are matched by name, not by whole URI: a run copied or moved elsewhere still knows its own."""
+    used = {step["finetune"]["checkpoint"].rpartition(f"/{FINETUNES}/")[2].split("/")[0]
+            for v in variants for step in v.recipe if "finetune" in step}
+    if paths.exists(FINETUNES):
+        for folder in paths.fs.ls(paths.path(FINETUNES), detail=False):
+            if posixpath.basename(folder.rstrip("/")) not in used:
+                paths.remove(f"{FINETUNES}/{posixpath.basename(folder.rstrip('/'))}")
 
 
 def guard(variants: list[Variant], max_drop: float) -> None:

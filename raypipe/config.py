@@ -223,7 +223,7 @@ class PruneStep(_Model):
 class FinetuneStep(_Model):
     op: Literal["finetune"] = "finetune"
     epochs: int = Field(3, ge=1, description="Epochs of training after pruning, on Ray Train like the train stage.")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; default: a fifth of train.lr.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (then cosine decay, no warmup); default: train.lr.")
 
 
 class QuantizeStep(_Model):
@@ -371,6 +371,29 @@ class Config(_Model):
         data["compress"]["recipes"] = {name: [step_as_config(step) for step in steps]
                                        for name, steps in self.compress.recipes.items()}
         return data
+
+
+def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config in today's form: runs made before `compress.recipes` had `compress.int8`, a
+    switch for the one int8 variant."""
+    compress = tree.setdefault("compress", {}) if isinstance(tree, dict) else {}
+    if isinstance(compress, dict):
+        if "int8" in compress:
+            compress.setdefault("recipes", {"int8": ["quantize"]} if compress.pop("int8") else {})
+        compress.setdefault("recipes", {"int8": ["quantize"]})
+    return tree
+
+
+def recipes_named(overrides: dict[str, Any]) -> list[str] | None:
+    """The recipes that `--set` overrides name (`compress.recipes={a: [...]}` or `compress.recipes.a=[...]`),
+    or None when they name none."""
+    names = []
+    for key, value in overrides.items():
+        if key == "compress.recipes" and isinstance(value, dict):
+            names += [str(name) for name in value]
+        elif key.startswith("compress.recipes."):
+            names.append(key.split(".")[2])
+    return names or None
 
 
 def short_finetunes(cfg: Config, epochs: int = SMOKE_FINETUNE_EPOCHS) -> Config:

@@ -72,15 +72,12 @@ def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary
     it is compressed again). `names`: build only these recipes and keep the run's other variants as they
     are (default: build every recipe)."""
     paths.unseal()
-    write_config(cfg, paths)
-    kept = [name for name in cfg.compress.recipes
-            if names is not None and name not in names and paths.exists(f"models/{name}/meta.json")]
+    kept = {name: Variant.read(paths, f"models/{name}/meta.json") for name in cfg.compress.recipes
+            if names is not None and name not in names and paths.exists(f"models/{name}/meta.json")}
     build = [name for name in cfg.compress.recipes if name not in kept]
     with console.stage("compress", f"fp32{''.join(', ' + n for n in build)}: build, evaluate on the test split, "
                                    f"guard") as outcome:
-        built = {v.name: v for v in compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths, build)}
-        built.update({name: Variant.read(paths, f"models/{name}/meta.json") for name in kept})
-        variants = [built[name] for name in ("fp32", *cfg.compress.recipes)]
+        variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths, kept)
         compress.guard(variants, cfg.compress.max_accuracy_drop)
         for variant in variants:
             variant.write(paths, f"models/{variant.name}/meta.json")
@@ -88,6 +85,7 @@ def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary
                      variant.test_accuracy, "accepted" if variant.accepted else f"rejected: {variant.reason}")
         promoted = compress.promote(variants, cfg.compress.promote)
         outcome["done"] = f"promoted {promoted} ({cfg.compress.promote} accepted)"
+    write_config(cfg, paths)  # the recipes of every variant now in the run (after they all exist)
     with console.stage("report", "report.json, report.md, report.html; sealing") as outcome:
         hashes = paths.hashes(["data/", trained.checkpoint])  # hashed once: for the lineage and the manifest
         report.write(paths, report.build(paths, cfg.public_dict(), stats, trained, variants, promoted, hashes))

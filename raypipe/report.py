@@ -174,10 +174,15 @@ def _variant_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     baseline = next(v for v in report["variants"] if v["name"] == "fp32")["test_accuracy"]
     return [(
         f"{v['name']}{' *' if v['name'] == report['promoted'] else ''}", _kib(v["size_bytes"]),
-        f"{v['size_ratio']:.2f}x", f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}",
-        f"{v['latency_ms']['batch_64']:.3f}", f"{v['speedup_b64']:.2f}x",
+        _times(v, "size_ratio"), f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}",
+        f"{v['latency_ms']['batch_64']:.3f}", _times(v, "speedup_b64"),
         "yes" if v["accepted"] else f"no, drop {baseline - v['test_accuracy']:.4f}",
     ) for v in report["variants"]]
+
+
+def _times(variant: dict[str, Any], key: str) -> str:
+    """`2.45x`, or `-` in a run made before the ratio was recorded."""
+    return f"{variant[key]:.2f}x" if key in variant else "-"
 
 
 def recipe_text(recipe: list[dict[str, Any]]) -> str:

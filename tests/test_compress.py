@@ -18,7 +18,7 @@ import requests
 import torch
 import yaml
 
-from raypipe import compress, models, report
+from raypipe import compress, config, models, report
 from raypipe.config import ModelConfig
 from raypipe.records import Variant
 from raypipe.storage import RunPaths
@@ -74,7 +74,7 @@ def test_pruning_really_shrinks_the_network(arch):
     assert pruned_macs / macs <= 0.7, pruned_macs / macs
     assert 0.4 <= len(small) / len(full) <= 0.62, len(small) / len(full)
     before, after = compress.widths(model), compress.widths(pruned)
-    assert len(after) == len(before) and all(w % 8 == 0 and w <= b for w, b in zip(after, before)), after
+    assert len(after) == len(before) and all(0 < w <= b and w % 8 == 0 for w, b in zip(after, before)), after
     # A smaller graph, not a masked one: fewer weights in the file, the same classes out.
     weights = sum(int(np.prod(t.dims)) for t in onnx.load_from_string(small).graph.initializer)
     assert weights < 0.65 * sum(int(np.prod(t.dims)) for t in onnx.load_from_string(full).graph.initializer)
@@ -126,6 +126,24 @@ def test_promote_picks_among_accepted_variants_by_the_rule():
     assert front == {"int8", "pruned", "tiny"}  # fp32 is beaten by pruned: as accurate, faster, smaller
 
 
+def test_recompress_names_the_recipes_set_and_reads_runs_made_before_recipes():
+    assert config.recipes_named({"compress.recipes": {"a": ["quantize"], "b": ["quantize"]}}) == ["a", "b"]
+    assert config.recipes_named({"compress.recipes.c": ["quantize"], "train.lr": 0.1}) == ["c"]
+    assert config.recipes_named({"compress.promote": "fastest"}) is None
+    old = {"compress": {"int8": True, "max_accuracy_drop": 0.02}}
+    assert config.validate(config.upgrade(old)).compress.recipes.keys() == {"int8"}
+    assert config.validate(config.upgrade({"compress": {"int8": False}})).compress.recipes == {}
+    # An old report (no ratios, recipes or counts) still prints its summary.
+    variant = {"name": "fp32", "size_bytes": 2048, "test_accuracy": 0.9, "accepted": True, "reason": "baseline",
+               "latency_ms": {"batch_1": 0.01, "batch_64": 0.1}}
+    summary = report.summary({"run_id": "r", "uri": "/r", "promoted": "fp32", "variants": [variant],
+                              "data": {"rows_read": 1, "rows_dropped": {}, "rows": {"train": 1}},
+                              "train": {"epochs": 1, "workers": 1, "device": "cpu", "precision": "fp32",
+                                        "restarts": 0, "best_epoch": 1,
+                                        "history": [{"epoch": 1, "val_accuracy": 0.9}]}})
+    assert "fp32 *" in summary and "      -" in summary
+
+
 def test_every_variant_reports_its_recipe_size_and_speed(smoke_run):
     variants = {v["name"]: v for v in smoke_run.report()["variants"]}
     assert list(variants) == ["fp32", "int8", "pruned", "pruned-int8"]
@@ -134,7 +152,9 @@ def test_every_variant_reports_its_recipe_size_and_speed(smoke_run):
     assert [list(step) for step in pruned["recipe"]] == [["prune"], ["finetune"]]
     tuned = pruned["recipe"][1]["finetune"]
     assert tuned["epochs"] == 2 and 0 < tuned["val_accuracy"] <= 1  # --smoke-test: finetunes of 2 epochs
-    assert (smoke_run.path / "compress/pruned/checkpoints/best/checkpoint.pt").is_file()
+    # The finetune's own Ray Train checkpoints, in a folder named by the recipe and a digest of its steps.
+    best = list((smoke_run.path / "compress").glob("pruned-*/checkpoints/best/checkpoint.pt"))
+    assert len(best) == 1 and tuned["checkpoint"] == str(best[0])
     assert both["recipe"][:2] == pruned["recipe"]  # the shared steps ran once
     assert int8["params"] == fp32["params"] > 0 and int8["macs"] == fp32["macs"] > 0
     assert 0.4 <= pruned["params"] / fp32["params"] <= 0.62 and pruned["macs"] < 0.7 * fp32["macs"]
@@ -184,6 +204,7 @@ def test_recompress_adds_a_variant_the_guard_rejects_and_never_serves(smoke_run,
     run = tmp_path / smoke_run.path.name
     shutil.copytree(smoke_run.path, run)
     before = {v["name"]: v for v in smoke_run.report()["variants"]}
+    files = {name: (run / f"models/{name}/model.onnx").stat().st_ino for name in before}
     done = raypipe("compress", str(run), "--set", "compress.recipes={extreme: [prune: {ratio: 0.9}]}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(run)
@@ -194,9 +215,12 @@ def test_recompress_adds_a_variant_the_guard_rejects_and_never_serves(smoke_run,
     assert not extreme["accepted"] and "exceeds compress.max_accuracy_drop" in extreme["reason"]
     assert extreme["params"] < 0.2 * variants["fp32"]["params"]
     assert after["promoted"] != "extreme" and variants[after["promoted"]]["accepted"]
-    for name in ("int8", "pruned", "pruned-int8"):  # kept as they were, not rebuilt
-        assert variants[name]["sha256"] == before[name]["sha256"] and variants[name]["test_accuracy"] == \
-            before[name]["test_accuracy"]
+    for name in ("int8", "pruned", "pruned-int8"):  # kept as they were, not rebuilt (a write renames a new file in)
+        assert (run / f"models/{name}/model.onnx").stat().st_ino == files[name], name
+        assert variants[name]["sha256"] == before[name]["sha256"]
+        assert variants[name]["test_accuracy"] == before[name]["test_accuracy"]
+    assert (run / "models/fp32/model.onnx").stat().st_ino != files["fp32"]  # the baseline is rebuilt and retimed
+    assert list((run / "compress").glob("pruned-*/checkpoints/best/checkpoint.pt"))  # still what pruned came from
     assert RunPaths.open(str(run)).verify() == []  # re-sealed: the manifest vouches for every file again
     recipes = yaml.safe_load((run / "config.yaml").read_text())["compress"]["recipes"]
     assert list(recipes) == ["int8", "pruned", "pruned-int8", "extreme"]

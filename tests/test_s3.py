@@ -41,8 +41,8 @@ def test_run_lands_on_s3_whole(s3_run, s3_endpoint):
     assert [v["name"] for v in report["variants"]] == ["fp32", "int8", "pruned", "pruned-int8"]
     assert all(v["uri"].startswith(uri) for v in report["variants"])
     # The finetune after pruning ran on Ray Train with its checkpoints on S3, like training's.
-    assert fs.glob(f"{key}/compress/pruned/checkpoints/checkpoint_*/checkpoint.pt")
-    assert report["variants"][2]["recipe"][1]["finetune"]["checkpoint"].startswith(uri + "/compress/pruned/")
+    assert fs.glob(f"{key}/compress/pruned-*/checkpoints/checkpoint_*/checkpoint.pt")
+    assert report["variants"][2]["recipe"][1]["finetune"]["checkpoint"].startswith(uri + "/compress/pruned-")
     assert fs.glob(f"{key}/data/train/*.parquet") and fs.glob(f"{key}/checkpoints/checkpoint_*/checkpoint.pt")
     paths = RunPaths.open(uri, S3Config(endpoint_url=s3_endpoint, access_key_id=KEY_ID, secret_access_key=SECRET))
     manifest = paths.read_json("MANIFEST.json")

@@ -168,22 +168,44 @@ def test_health_and_metadata(server):
     assert requests.get(f"{base}/docs").status_code == 200
 
 
-def test_two_runs_each_answer_under_their_name(server, smoke_run, staged_run):
-    # Floors: the 4-epoch MLP smoke model, and the 5-epoch CNN trained on the same 500 rows.
+def test_two_runs_each_answer_under_their_name(server, bundle, smoke_run, staged_run):
+    # Floors: the 4-epoch MLP smoke model, and the 5-epoch CNN trained on the same 500 rows. The digits come
+    # from a bundle of two of its variants: its promoted one is the bundle's.
+    promoted = {"digits": json.loads((bundle / "bundle.json").read_text())["models"]["digits"]["promoted"],
+                "digits-cnn": json.loads((staged_run.path / "report.json").read_text())["promoted"]}
     for run, name, floor in ((smoke_run.path, "digits", 0.6), (staged_run.path, "digits-cnn", 0.3)):
-        report = json.loads((run / "report.json").read_text())
         x, labels = _test_rows(run)
         reply = requests.post(f"{server.base}/v2/models/{name}/infer", json=_body(x, id=f"req-{name}"))
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        assert body["model_name"] == name and body["model_version"] == report["promoted"] and body["id"] == f"req-{name}"
+        assert body["model_name"] == name and body["model_version"] == promoted[name] and body["id"] == f"req-{name}"
         outputs = {o["name"]: o for o in body["outputs"]}
         predicted = np.array(outputs["label"]["data"])
         assert outputs["label"]["datatype"] == "INT64" and outputs["probabilities"]["shape"] == [len(x), 10]
         # Exactly what the stored artifact computes on raw pixels, and mostly right on unseen digits.
-        local = OnnxModel((run / f"models/{report['promoted']}/model.onnx").read_bytes())
+        local = OnnxModel((run / f"models/{promoted[name]}/model.onnx").read_bytes())
         assert (predicted == local.predict(x)[0]).all()
         assert (predicted == labels).mean() >= floor
+
+
+def test_every_served_variant_answers_as_its_stored_file(server, staged_run):
+    # The staged run is served as a run: each accepted variant (fp32, int8, the pruned ones) is a version.
+    report = json.loads((staged_run.path / "report.json").read_text())
+    accepted = [v["name"] for v in report["variants"] if v["accepted"]]
+    assert requests.get(f"{server.base}/v2/models/digits-cnn").json()["versions"] == accepted
+    x, _ = _test_rows(staged_run.path, n=16)
+    for version in accepted:
+        reply = requests.post(f"{server.base}/v2/models/digits-cnn/versions/{version}/infer", json=_body(x))
+        assert reply.status_code == 200, reply.text
+        outputs = {o["name"]: o for o in reply.json()["outputs"]}
+        labels, probabilities = OnnxModel((staged_run.path / f"models/{version}/model.onnx").read_bytes()).predict(x)
+        assert outputs["label"]["data"] == labels.tolist(), version
+        assert np.allclose(outputs["probabilities"]["data"], probabilities.ravel(), atol=1e-6), version
+    for variant in report["variants"]:
+        if not variant["accepted"]:
+            reply = requests.post(f"{server.base}/v2/models/digits-cnn/versions/{variant['name']}/infer",
+                                  json=_body(x))
+            assert reply.status_code == 404, variant["name"]
 
 
 def test_edge_and_serve_answer_identically_from_the_same_bundle(server, bundle, smoke_run, tmp_path):
