@@ -132,6 +132,10 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def macs_and_params(model: nn.Module, features: int) -> tuple[int, int]:
     """Multiply-accumulates per sample and parameters of a torch model."""
     macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, features))
@@ -152,7 +156,7 @@ def prune(model: nn.Module, ratio: float, features: int) -> nn.Module:
     as many parameters left, 2.4x faster. Of the cuts reachable so, the one whose parameter count comes
     closest to the ratio asked wins (multiples of 16 on a tie)."""
     example = torch.zeros(1, features)
-    target = (1 - ratio) * macs_and_params(model, features)[1]
+    target = (1 - ratio) * param_count(model)
 
     def pruned(channel_ratio: float, round_to: int) -> nn.Module:
         copied = copy.deepcopy(model).eval()
@@ -165,8 +169,8 @@ def prune(model: nn.Module, ratio: float, features: int) -> nn.Module:
         for channel_ratio in np.linspace(0.02, 0.95, 32):
             cut = pruned(float(channel_ratio), round_to)
             if min(widths(cut), default=1) > 0:  # a layer narrower than round_to would keep no channel at all
-                candidates.setdefault(macs_and_params(cut, features)[1], (round_to, float(channel_ratio)))
-    round_to, channel_ratio = candidates[min(candidates, key=lambda params: abs(params - target))]
+                candidates.setdefault(param_count(cut), (round_to, float(channel_ratio)))
+    round_to, channel_ratio = candidates[min(candidates, key=lambda count: abs(count - target))]
     return pruned(channel_ratio, round_to)
 
 
@@ -207,7 +211,7 @@ class _Builder:
         features = self.stats.features
         if isinstance(step, PruneStep):
             pruned = prune(model, step.ratio, features)
-            before, after = macs_and_params(model, features)[1], macs_and_params(pruned, features)[1]
+            before, after = param_count(model), param_count(pruned)
             log.info("compress: %s: widths %s -> %s, parameters %d -> %d", name, widths(model), widths(pruned),
                      before, after)
             kept = {"widths": widths(pruned), "params_kept": round(after / before, 4)}
@@ -276,9 +280,10 @@ def _forget_finetunes(paths: RunPaths, variants: list[Variant]) -> None:
     used = {step["finetune"]["checkpoint"].rpartition(f"/{FINETUNES}/")[2].split("/")[0]
             for v in variants for step in v.recipe if "finetune" in step}
     if paths.exists(FINETUNES):
-        for folder in paths.fs.ls(paths.path(FINETUNES), detail=False):
-            if posixpath.basename(folder.rstrip("/")) not in used:
-                paths.remove(f"{FINETUNES}/{posixpath.basename(folder.rstrip('/'))}")
+        for name in (posixpath.basename(folder.rstrip("/")) for folder in paths.fs.ls(paths.path(FINETUNES),
+                                                                                       detail=False)):
+            if name not in used:
+                paths.remove(f"{FINETUNES}/{name}")
 
 
 def guard(variants: list[Variant], max_drop: float) -> None:
