@@ -32,14 +32,17 @@ def _load_config(args: argparse.Namespace) -> Config:
     cfg = config_mod.load(args.config, overrides)
     if getattr(args, "smoke_test", False):
         cfg = config_mod.short_finetunes(cfg)
-    base = None
-    if console.compact():
-        try:
-            base = config_mod.load(args.config).public_dict()
-        except ConfigError:  # valid only with the overrides: log the whole resolved config instead
-            pass
-    log.info("config %s", console.config_line(cfg.public_dict(), args.config or "configs/default.yaml", base))
+    _log_config(cfg, args.config or "configs/default.yaml", lambda: config_mod.load(args.config))
     return cfg
+
+
+def _log_config(cfg: Config, source: str, without_overrides) -> None:
+    """The resolved-config line; on a terminal, the keys that differ from `without_overrides()`."""
+    try:
+        base = without_overrides().public_dict() if console.compact() else None
+    except ConfigError:  # valid only with the overrides: log the whole resolved config instead
+        base = None
+    log.info("config %s", console.config_line(cfg.public_dict(), source, base))
 
 
 def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = False) -> None:
@@ -164,14 +167,9 @@ def _run_config(args: argparse.Namespace):
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
     tree = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))
     tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
-    base = None
-    if console.compact():
-        try:
-            base = config_mod.validate(copy.deepcopy(tree)).public_dict()
-        except ConfigError:  # valid only with the overrides: log the whole resolved config instead
-            pass
+    stored = copy.deepcopy(tree)  # validate() applies the overrides to the tree it is given
     cfg = config_mod.validate(tree, overrides)
-    log.info("config %s", console.config_line(cfg.public_dict(), f"{paths.uri}/config.yaml", base))
+    _log_config(cfg, f"{paths.uri}/config.yaml", lambda: config_mod.validate(stored))
     return cfg, paths
 
 
