@@ -222,7 +222,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     names = config_mod.recipes_named(dict(config_mod.parse_override(item) for item in args.set or []))
     if names is not None and paths.exists("report.json"):  # compressed before: add to its recipes
         stored = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))["compress"]["recipes"]
-        recipes = {**config_mod.CompressConfig(recipes=stored).recipes, **cfg.compress.recipes}
+        recipes = {**config_mod.validate({"compress": {"recipes": stored}}).compress.recipes, **cfg.compress.recipes}
         cfg = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"recipes": recipes})})
     else:
         names = None
@@ -295,15 +295,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
+    watch = threading.Thread(target=_ScalingWatch().run, args=(stop,), daemon=True)
     try:
         serve.run(app, name="raypipe", route_prefix="/")
         url = f"http://{args.host}:{args.port}"
         models = "; ".join(f"{name} ({', '.join(spec.versions)})" for name, spec in catalog.models.items())
         log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
         # Watched from a thread: a Serve controller slow to answer never delays Ctrl-C.
-        threading.Thread(target=_ScalingWatch().run, args=(stop,), daemon=True).start()
+        watch.start()
         stop.wait()
     finally:
+        stop.set()
+        if watch.is_alive():  # a status call in flight would reconnect Serve (and start a Ray) after shutdown
+            watch.join(timeout=5)
         log.info("serve: draining in-flight requests and shutting down")
         serve.shutdown()
         import ray

@@ -178,8 +178,8 @@ class _Builder:
     """Runs recipes' steps, each distinct sequence of leading steps once."""
 
     def __init__(self, cfg: Config, datasets: dict[str, ray.data.Dataset], stats: DataStats, paths: RunPaths,
-                 trained: nn.Module, calibration: np.ndarray):
-        self.cfg, self.datasets, self.stats, self.paths = cfg, datasets, stats, paths
+                 trained: nn.Module, calibration: np.ndarray, source: str):
+        self.cfg, self.datasets, self.stats, self.paths, self.source = cfg, datasets, stats, paths, source
         self.calibration = calibration
         self.models: dict[str, tuple[nn.Module, list[dict]]] = {"[]": (trained, [])}
         self.exports: dict[str, bytes] = {}
@@ -224,9 +224,11 @@ class _Builder:
         lr = step.lr or self.cfg.train.lr
         tcfg = self.cfg.train.model_copy(update={"epochs": step.epochs, "lr": lr, "warmup_epochs": 0.0})
         cfg = self.cfg.model_copy(update={"train": tcfg})
-        # Named by everything it depends on, so that the same steps find (and resume, or reuse) their own
-        # checkpoints, and other steps never do: two finetunes in one recipe, or a recipe replaced by another.
-        folder = f"{FINETUNES}/{name}-{sha256_bytes(json.dumps([done, step_as_config(step), lr]).encode())[:8]}"
+        # Named by everything it depends on (the trained checkpoint, the steps before it, the training settings),
+        # so that the same finetune finds (and resumes, or reuses) its own checkpoints and no other ever does:
+        # two finetunes in one recipe, a recipe replaced by another, a model trained further since.
+        depends = [self.source, done, step_as_config(step), tcfg.model_dump(mode="json")]
+        folder = f"{FINETUNES}/{name}-{sha256_bytes(json.dumps(depends).encode())[:8]}"
         summary = train.fit(cfg, self.datasets, self.stats, self.paths, model=model, folder=folder,
                             label=f"compress: {name} finetune epoch")
         tuned = train.load_model(cfg, self.stats, self.paths, summary.checkpoint, model=copy.deepcopy(model))
@@ -249,7 +251,8 @@ def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], sta
     kept = kept or {}
     trained = train.load_model(cfg, stats, paths, checkpoint)
     recipes = {"fp32": [], **{n: steps for n, steps in cfg.compress.recipes.items() if n not in kept}}
-    builder = _Builder(cfg, datasets, stats, paths, trained, _rows(datasets["train"], cfg.compress.calibration_rows))
+    builder = _Builder(cfg, datasets, stats, paths, trained, _rows(datasets["train"], cfg.compress.calibration_rows),
+                       source=paths.sha256(checkpoint)[0])
     sample, built = builder.calibration[:1], {}
     progress = console.Progress(len(recipes), "compress:", log_updates=False)
     for name, steps in recipes.items():

@@ -222,8 +222,8 @@ class PruneStep(_Model):
 
 class FinetuneStep(_Model):
     op: Literal["finetune"] = "finetune"
-    epochs: int = Field(3, ge=1, description="Epochs of training after pruning, on Ray Train like the train stage.")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (then cosine decay, no warmup); default: train.lr.")
+    epochs: StrictInt = Field(3, ge=1, le=10_000, description="Epochs of training after pruning, on Ray Train like the train stage.")
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="Peak learning rate (then cosine decay, no warmup); default: train.lr.")
 
 
 class QuantizeStep(_Model):
@@ -264,9 +264,12 @@ class CompressConfig(_Model):
         parsed = {}
         for name, steps in recipes.items():
             where = f"compress.recipes.{name}"
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "fp32":
-                raise ValueError(f"{where}: a variant name is letters, digits, '_', '.' or '-', and not fp32 "
+            if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name)
+                    or name.casefold() == "fp32"):
+                raise ValueError(f"{where}: a variant name is up to 64 letters, digits, '_' or '-', and not fp32 "
                                  f"(always built)")
+            if name.casefold() in {n.casefold() for n in parsed}:
+                raise ValueError(f"{where}: another variant has this name but for case (one folder on some disks)")
             if not isinstance(steps, list) or not steps:
                 raise ValueError(f"{where}: a list of steps, e.g. [prune: {{ratio: 0.5}}, finetune: {{epochs: 3}}]")
             parsed[name] = [_step(step, f"{where}.{i}") for i, step in enumerate(steps)]
@@ -387,13 +390,17 @@ def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
 def recipes_named(overrides: dict[str, Any]) -> list[str] | None:
     """The recipes that `--set` overrides name (`compress.recipes={a: [...]}` or `compress.recipes.a=[...]`),
     or None when they name none."""
-    names = []
+    names, named = [], False
     for key, value in overrides.items():
-        if key == "compress.recipes" and isinstance(value, dict):
-            names += [str(name) for name in value]
+        if key == "compress" and isinstance(value, dict) and "recipes" in value:
+            key, value = "compress.recipes", value["recipes"]
+        if key == "compress.recipes":
+            names += [str(name) for name in value] if isinstance(value, dict) else []
+            named = True
         elif key.startswith("compress.recipes."):
             names.append(key.split(".")[2])
-    return names or None
+            named = True
+    return names if named else None
 
 
 def short_finetunes(cfg: Config, epochs: int = SMOKE_FINETUNE_EPOCHS) -> Config:

@@ -66,14 +66,24 @@ def train_stage(cfg: Config, paths: RunPaths, stats: DataStats) -> TrainSummary:
     return trained
 
 
+def _kept(paths: RunPaths, name: str) -> Variant | None:
+    """A variant of an earlier compress, if its record and file are whole and agree (a compress that failed
+    half way may have replaced the file and not yet the record): else it is built again."""
+    rel = f"models/{name}"
+    if not (paths.exists(f"{rel}/meta.json") and paths.exists(f"{rel}/model.onnx")):
+        return None
+    variant = Variant.read(paths, f"{rel}/meta.json")
+    return variant if paths.sha256(f"{rel}/model.onnx")[0] == variant.sha256 else None
+
+
 def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary,
            names: list[str] | None = None) -> None:
     """Compress, evaluate and guard the variants, write the report, then seal the run (unsealed first, when
     it is compressed again). `names`: build only these recipes and keep the run's other variants as they
     are (default: build every recipe)."""
     paths.unseal()
-    kept = {name: Variant.read(paths, f"models/{name}/meta.json") for name in cfg.compress.recipes
-            if names is not None and name not in names and paths.exists(f"models/{name}/meta.json")}
+    kept = {name: _kept(paths, name) for name in cfg.compress.recipes if names is not None and name not in names}
+    kept = {name: variant for name, variant in kept.items() if variant is not None}
     build = [name for name in cfg.compress.recipes if name not in kept]
     with console.stage("compress", f"fp32{''.join(', ' + n for n in build)}: build, evaluate on the test split, "
                                    f"guard") as outcome:

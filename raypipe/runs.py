@@ -56,7 +56,8 @@ def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
             report = paths.read_json("report.json")
             run["model"] = str(report["config"]["name"]).encode("ascii", "backslashreplace").decode()
             promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
-            run["promoted"], run["promoted_size_bytes"] = str(promoted["name"]), int(promoted["size_bytes"])
+            run["promoted"] = str(promoted["name"]).encode("ascii", "backslashreplace").decode()
+            run["promoted_size_bytes"] = int(promoted["size_bytes"])
     except Exception:  # an unreadable folder or a damaged file: listed and marked, never fatal to the list
         run["state"] += " (damaged)" if run["state"] != "unreadable" else ""
     return run

@@ -45,6 +45,9 @@ def _model(arch: str):
     ("{x: [quantize, prune: {ratio: 0.5}]}", "compress.recipes.x.0: quantize must be the last step"),
     ("{fp32: [quantize]}", "compress.recipes.fp32: a variant name is"),
     ("{x: [finetune: {epochs: 0}]}", "compress.recipes.x.0.finetune.epochs: Input should be greater than"),
+    ("{x: [finetune: {lr: .inf}]}", "compress.recipes.x.0.finetune.lr: Input should be a finite number"),
+    ("{a.b: [quantize]}", "compress.recipes.a.b: a variant name is up to 64 letters"),
+    ("{Int8: [quantize], int8: [quantize]}", "compress.recipes.int8: another variant has this name but for case"),
 ])
 def test_a_bad_recipe_exits_2_naming_the_key(recipes, needle):
     done = raypipe("run", "--set", f"compress.recipes={recipes}", timeout=60)
@@ -130,6 +133,8 @@ def test_recompress_names_the_recipes_set_and_reads_runs_made_before_recipes():
     assert config.recipes_named({"compress.recipes": {"a": ["quantize"], "b": ["quantize"]}}) == ["a", "b"]
     assert config.recipes_named({"compress.recipes.c": ["quantize"], "train.lr": 0.1}) == ["c"]
     assert config.recipes_named({"compress.promote": "fastest"}) is None
+    assert config.recipes_named({"compress.recipes": {}}) == []  # names none: keeps every variant there is
+    assert config.recipes_named({"compress": {"recipes": {"d": ["quantize"]}}}) == ["d"]
     old = {"compress": {"int8": True, "max_accuracy_drop": 0.02}}
     assert config.validate(config.upgrade(old)).compress.recipes.keys() == {"int8"}
     assert config.validate(config.upgrade({"compress": {"int8": False}})).compress.recipes == {}
@@ -198,6 +203,19 @@ def test_each_variant_file_predicts_alone_and_recounts_its_reported_accuracy(smo
     assert recount["accuracy"].keys() == reported.keys()
     for name, accuracy in reported.items():
         assert recount["accuracy"][name] == pytest.approx(accuracy, abs=1e-9), name
+
+
+def test_a_variant_whose_file_no_longer_matches_its_record_is_built_again(smoke_run, tmp_path):
+    from raypipe import pipeline
+
+    run = tmp_path / smoke_run.path.name
+    shutil.copytree(smoke_run.path, run)
+    paths = RunPaths.open(str(run))
+    assert pipeline._kept(paths, "int8").sha256 == smoke_run.report()["variants"][1]["sha256"]
+    # A compress that failed half way: the new file written, its record not yet.
+    (run / "models/int8/model.onnx").write_bytes((run / "models/pruned-int8/model.onnx").read_bytes())
+    assert pipeline._kept(paths, "int8") is None
+    assert pipeline._kept(paths, "absent") is None
 
 
 def test_recompress_adds_a_variant_the_guard_rejects_and_never_serves(smoke_run, tmp_path):
