@@ -128,7 +128,7 @@ def main() -> None:
     import ray
     import torch
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         datagen.generate(str(folder), rows=rows, rows_per_file=5000)

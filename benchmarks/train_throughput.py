@@ -141,7 +141,7 @@ def main() -> None:
     def start_ray():
         # Four logical CPUs on two cores: two 1-CPU workers and room for Ray's own actors. The plain
         # DDP baseline also runs two single-threaded processes, with Ray shut down.
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
 
     results: dict = {"rows": rows, "epochs": epochs, "rounds": rounds, "model": "cnn [16, 32] on 32x32x3",
                      "global_batch": 64}
@@ -165,7 +165,7 @@ def main() -> None:
             print(f"round {round_ + 1}/{rounds}: raypipe {two[-1]:.0f}, plain DDP {plain[-1]:.0f} samples/s",
                   flush=True)
         if torch.cuda.is_available():
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
             results["gpu_amp"] = gpu_amp(folder, rows, epochs)
             ray.shutdown()
 

@@ -26,13 +26,16 @@ from raypipe.config import Config, ConfigError  # noqa: E402
 log = logging.getLogger("raypipe")
 
 
-def _load_config(args: argparse.Namespace) -> Config:
+def _load_config(args: argparse.Namespace, logged: bool = True) -> Config:
+    """--config (default: the bundled digits config) with --smoke-test and --set applied; the resolved
+    config is logged unless not `logged` (a command that runs nothing)."""
     overrides = dict(config_mod.SMOKE_OVERRIDES) if getattr(args, "smoke_test", False) else {}
     overrides.update(config_mod.parse_override(item) for item in args.set or [])
     cfg = config_mod.load(args.config, overrides)
     if getattr(args, "smoke_test", False):
         cfg = config_mod.short_finetunes(cfg)
-    _log_config(cfg, args.config or "configs/default.yaml", lambda: config_mod.load(args.config))
+    if logged:
+        _log_config(cfg, args.config or str(config_mod.DEFAULT_CONFIG), lambda: config_mod.load(args.config))
     return cfg
 
 
@@ -45,32 +48,60 @@ def _log_config(cfg: Config, source: str, without_overrides) -> None:
     log.info("config %s", console.config_line(cfg.public_dict(), source, base))
 
 
-def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = False) -> None:
+def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = False,
+              log_to_driver: bool = True) -> None:
     """Connect to a cluster, or start an embedded local Ray. A command that `trains` is refused (exit 2)
     when its minimum worker group can never fit the embedded Ray, where it would otherwise wait forever;
-    a cluster may still grow, so there it waits."""
+    a cluster may still grow, so there it waits. Ray's workers are quieted the same way in both cases."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("ray: connecting to %s", address)
-        ray.init(address=address, log_to_driver=True)
+        host = address.removeprefix("ray://").rsplit(":", 1)[0]
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False,
+                 runtime_env=console.ray_runtime_env(one_machine=host in ("127.0.0.1", "localhost")))
         if cfg is not None:
             _check_storage_reaches_every_node(cfg)
     else:
         if trains:
             _check_fits_locally(cfg)
+        _ensure_auth_token()
         # Ray Train's controller polls workers every 2 s by default, which each per-epoch report waits on.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         for key, value in console.embedded_ray_env().items():
             os.environ.setdefault(key, value)
         # With the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
         # dashboard) every second whether the controller lives, and warns each time it cannot.
-        context = ray.init(num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
+        # address="local": a new Ray of our own, even where a `ray start` head runs (or left its address
+        # file behind), which a bare ray.init() would join instead.
+        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus if cfg else None, _node_ip_address="127.0.0.1",
                            include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
-                           runtime_env=console.ray_runtime_env())
+                           log_to_driver=log_to_driver, runtime_env=console.ray_runtime_env())
         log.info("ray: embedded local Ray on 127.0.0.1, dashboard http://%s", context.dashboard_url)
     console.configure_ray_data()
+
+
+def _ensure_auth_token() -> None:
+    """With token auth on and no token anywhere, write one readable by this user alone. (Ray would write
+    ~/.ray/auth_token itself, but with the process umask: usually world-readable, and anyone who reads it
+    can submit jobs to every cluster that trusts it.)"""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.exists():
+        return
+    import secrets
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # as Ray's own generator: 256 bits
+    os.replace(tmp, path)  # whole or absent: a concurrent start never reads half a token
+    log.info("ray: token auth on; wrote a new token to %s (mode 0600)", path)
 
 
 def _usable_cpus() -> int:
@@ -124,10 +155,11 @@ def _print_last(uri: str) -> None:
 # ---- commands --------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a config file (and --set overrides) without running anything."""
+    """Check a config file (and --set overrides) without running anything; with no file, the bundled
+    default."""
     args.config = args.file
-    _load_config(args)
-    print(f"{args.file}: valid")
+    _load_config(args, logged=False)
+    print(f"{args.file or config_mod.DEFAULT_CONFIG}: valid")
     return 0
 
 
@@ -157,11 +189,14 @@ def _summarize(args: argparse.Namespace, paths) -> None:
 
 
 def _run_config(args: argparse.Namespace):
-    """An existing run and its config.yaml with --set overrides applied (S3 settings: --config or AWS_*)."""
+    """An existing run (a URI, or an id under storage.root of --config) and its config.yaml with --set
+    overrides applied (S3 settings: --config or AWS_*)."""
+    from raypipe import runs
     from raypipe.storage import RunPaths
 
-    s3 = config_mod.load(args.config).storage.s3 if args.config else config_mod.S3Config()
-    paths = RunPaths.open(args.run, s3)
+    storage = config_mod.load(args.config).storage
+    s3 = storage.s3
+    paths = RunPaths.open(runs.locate(args.run, storage), s3)
     if not paths.exists("config.yaml"):
         raise ConfigError(f"{args.run}: no config.yaml (not a raypipe run)")
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
@@ -222,8 +257,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     names = config_mod.recipes_named(dict(config_mod.parse_override(item) for item in args.set or []))
     if names is not None and paths.exists("report.json"):  # compressed before: add to its recipes
         stored = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))["compress"]["recipes"]
-        recipes = {**config_mod.validate({"compress": {"recipes": stored}}).compress.recipes, **cfg.compress.recipes}
-        cfg = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"recipes": recipes})})
+        merged = cfg.model_dump()  # validated again whole: the new names must be distinct from the stored ones
+        merged["compress"]["recipes"] = {**config_mod.validate({"compress": {"recipes": stored}}).compress.recipes,
+                                         **cfg.compress.recipes}
+        cfg = config_mod.validate(merged)
     else:
         names = None
     stats, trained = DataStats.read(paths, data.STATS), TrainSummary.read(paths, pipeline.TRAIN_SUMMARY)
@@ -279,100 +316,97 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["RAY_SERVE_LOG_TO_STDERR"] = "1"  # replicas write their access lines to the terminal too
     cfg = _load_config(args)
     _s3_to_env(cfg.storage.s3)
+    from raypipe.serving import server
     from raypipe.serving.app import deployment, proxy_env
     from raypipe.serving.catalog import open_sources
 
-    catalog = open_sources(args.sources, _variants(args.variants))
-    app = deployment(catalog, cfg.serve)
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        log.info("serve.proxy is the cluster's: it is set by the head's environment (see cluster/README.md)")
-    else:
-        os.environ.update(proxy_env(cfg.serve.proxy))
-    _init_ray(args.address)
-    from ray import serve
+    from raypipe import runs
 
+    catalog = open_sources([runs.locate(source, cfg.storage) for source in args.sources], _variants(args.variants))
+    app = deployment(catalog, cfg.serve)
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    private = None
+    if embedded:
+        server.check_fits_locally(cfg.serve, cfg.ray.num_cpus or _usable_cpus())
+        os.environ.update(proxy_env(cfg.serve.proxy))
+        if cfg.serve.proxy == "haproxy":
+            from raypipe.serving import loopback
+
+            env, private = loopback.prepare()
+            os.environ.update(env)
+    else:
+        log.info("serve.proxy is the cluster's: it is set by the head's environment (see cluster/README.md)")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": args.host, "port": args.port})
-    watch = threading.Thread(target=_ScalingWatch().run, args=(stop,), daemon=True)
-    try:
-        serve.run(app, name="raypipe", route_prefix="/")
-        url = f"http://{args.host}:{args.port}"
-        models = "; ".join(f"{name} ({', '.join(spec.versions)})" for name, spec in catalog.models.items())
-        log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
-        # Watched from a thread: a Serve controller slow to answer never delays Ctrl-C.
-        watch.start()
-        stop.wait()
-    finally:
+
+    def on_signal(*_):
+        if stop.is_set():
+            log.info("serve: already stopping; waiting for requests in flight")
         stop.set()
-        if watch.is_alive():  # a status call in flight would reconnect Serve (and start a Ray) after shutdown
-            watch.join(timeout=5)
-        log.info("serve: draining in-flight requests and shutting down")
-        serve.shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before Ray starts: Ctrl-C works from the first moment
+        signal.signal(sig, on_signal)
+    try:
+        # Serve's own logs stay in its files (raypipe reports ready, scaling and failures itself), unless
+        # the user asked for the access log or everything.
+        _init_ray(args.address, log_to_driver=cfg.serve.access_log or console.VERBOSE)
+        if not stop.is_set():
+            server.run(app, catalog, cfg.serve, args.host, args.port, embedded, stop)
+    finally:
         import ray
 
         ray.shutdown()
+        if private is not None:
+            import shutil
+
+            shutil.rmtree(private, ignore_errors=True)
+        # Done: a signal that lands while the interpreter exits must not turn a clean stop into a kill.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
-
-
-class _ScalingWatch:
-    """One line per change in the number of running replicas or in the deployment's status."""
-
-    def __init__(self):
-        self.replicas, self.status = None, None
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
-            self.check()
-
-    def check(self) -> None:
-        from ray import serve
-
-        try:
-            deployment = serve.status().applications["raypipe"].deployments["raypipe"]
-        except Exception:  # the controller is busy or restarting: look again next second
-            return
-        running = deployment.replica_states.get("RUNNING", 0)
-        if self.replicas is not None and running != self.replicas:
-            log.info("serve: %d -> %d replicas", self.replicas, running)
-        status = getattr(deployment.status, "value", deployment.status)
-        if status != self.status and status in ("UNHEALTHY", "DEPLOY_FAILED"):
-            log.warning("serve: %s: %s", status, deployment.message)
-        self.replicas, self.status = running, status
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
     """Serve a run or bundle without Ray: the same V2 REST API on uvicorn and ONNX Runtime."""
-    if args.config:
-        _s3_to_env(config_mod.load(args.config).storage.s3)
+    storage = config_mod.load(args.config).storage
+    _s3_to_env(storage.s3)
     from pathlib import Path
 
+    from raypipe import runs
     from raypipe.serving import bundle, catalog, edge
 
-    source = args.source
-    if catalog.is_bundle(source):
+    source, digest = runs.locate(args.source, storage), args.digest and catalog.pinned(args.digest, "--digest")
+    # A pinned bundle may be served from the cache alone: the source is not reached before the cache is.
+    if digest or catalog.is_bundle(source):
         cache = Path(args.cache).expanduser() if args.cache else bundle.DEFAULT_CACHE
-        source = str(bundle.pull(source, cache, args.digest))
-        log.info("bundle %s verified, cached at %s", args.source, source)
-    elif args.digest:
-        raise ConfigError(f"--digest: {args.source} is a run, not a bundle")
-    served = catalog.open_sources([source], _variants(args.variants))
+        pulled = bundle.pull(source, cache, digest)
+        source, digest = str(pulled.path), pulled.digest
+        if pulled.fetched:
+            log.info("bundle %s: every file verified against its bundle.json (%s), cached at %s",
+                     args.source, digest, source)
+        elif not pulled.source_read:
+            log.info("bundle %s: verified copy cached at %s; %s not read", digest, source, args.source)
+        elif pulled.damaged:
+            log.warning("bundle %s is damaged (%s); serving the verified copy of %s cached at %s",
+                        args.source, "; ".join(pulled.damaged), digest, source)
+        else:
+            log.info("bundle %s (%s): verified copy cached at %s", args.source, digest, source)
+    served = catalog.open_sources([source], _variants(args.variants), digest and {source: digest})
     log.info("edge: serving %s on http://%s:%d/v2 with %d worker(s); Ctrl-C to stop",
              ", ".join(f"{m}:{','.join(s.versions)}" for m, s in served.models.items()), args.host, args.port,
              args.workers)
-    edge.serve(source, args.host, args.port, args.workers, _variants(args.variants))
+    edge.serve(served, args.host, args.port, args.workers)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a bundle (also a Triton model repository) of runs' promoted or chosen variants; prints its
     digest, then its URI last."""
-    if args.config:
-        _s3_to_env(config_mod.load(args.config).storage.s3)
+    storage = config_mod.load(args.config).storage
+    _s3_to_env(storage.s3)
+    from raypipe import runs
     from raypipe.serving import bundle
 
-    digest = bundle.export(args.runs, args.to, _variants(args.variants))
+    digest = bundle.export([runs.locate(run, storage) for run in args.runs], args.to, _variants(args.variants))
     log.info("bundle %s written, digest %s", args.to, digest)
     print(digest)
     print(args.to.rstrip("/"), flush=True)
@@ -399,10 +433,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print a run's summary: data, training, the variants, the promoted one, and how to serve it."""
-    from raypipe import report
+    from raypipe import report, runs
     from raypipe.storage import MANIFEST, RunPaths
 
-    paths = RunPaths.open(args.run, config_mod.load(args.config).storage.s3 if args.config else None)
+    storage = config_mod.load(args.config).storage
+    paths = RunPaths.open(runs.locate(args.run, storage), storage.s3)
     if not paths.exists("report.json"):
         raise ConfigError(f"{args.run}: no report.json (the run is incomplete: `raypipe runs` shows how far it got)")
     try:
@@ -418,11 +453,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 # ---- parsing ---------------------------------------------------------------------------------------
 
 def _common(parser: argparse.ArgumentParser, config: bool = True,
-            config_help: str = "pipeline config (default: configs/default.yaml)") -> None:
+            config_help: str = "pipeline config (default: the bundled configs/default.yaml; `raypipe validate` "
+                               "prints where it is)",
+            example: str = "train.epochs=5") -> None:
+    """The flags every Ray command takes; `example` is a --set that matters to this command."""
     if config:
         parser.add_argument("--config", metavar="FILE", help=config_help)
         parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                            help="override a config key, value parsed as YAML (repeatable), e.g. train.epochs=5")
+                            help=f"override a config key, value parsed as YAML (repeatable), e.g. {example}")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     _output(parser)
 
@@ -455,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     stages = {}
     for name, func in (("train", cmd_train), ("compress", cmd_compress)):
         stage = stages[name] = commands.add_parser(name, help=func.__doc__, description=func.__doc__)
-        stage.add_argument("run", help="run URI printed by an earlier stage (local path or s3://)")
-        _common(stage, config_help="config whose storage.s3 settings reach the run (the run's own "
-                                   "config.yaml is used, with --set overrides)")
+        stage.add_argument("run", help="run URI printed by an earlier stage (local path or s3://), or a run id "
+                                       "under storage.root")
+        _common(stage, config_help="config whose storage.root holds a run given by id and whose storage.s3 "
+                                   "reaches it (the run's own config.yaml is used, with --set overrides)")
         stage.set_defaults(func=func)
     stages["train"].add_argument("--resume", action="store_true",
                        help="continue from the run's latest checkpoint (epoch, optimizer, grad scaler, RNG)")
@@ -478,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     datagen.set_defaults(func=cmd_datagen)
 
     validate = commands.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
-    validate.add_argument("file", help="config file to check")
+    validate.add_argument("file", nargs="?", help="config file to check (default: the bundled default, whose path "
+                                                  "it prints)")
     validate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     _output(validate)
     validate.set_defaults(func=cmd_validate, smoke_test=False)
@@ -492,14 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true",
                        help="log every request, with Serve's own logs (off by default: it costs throughput)")
     _common(serve, config_help="config whose serve.* keys set replicas, batching and the proxy, and whose "
-                               "storage.s3 reaches the sources (default: configs/default.yaml)")
+                               "storage.s3 reaches the sources (default: the bundled configs/default.yaml)",
+            example="serve.max_replicas=4")
     serve.set_defaults(func=cmd_serve)
 
     edge = commands.add_parser("edge", help=cmd_edge.__doc__, description=cmd_edge.__doc__)
     edge.add_argument("source", metavar="RUN_OR_BUNDLE", help="a sealed run or a bundle (local path or s3://)")
     edge.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     edge.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    edge.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    # The CPUs this process may use where the OS says (Linux); elsewhere (macOS) the machine's count.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    edge.add_argument("--workers", type=int, default=cpus,
                       help="uvicorn worker processes (default: one per CPU this process may use)")
     edge.add_argument("--variants", metavar="V1,V2", help="serve only these variants (default: all in the source)")
     edge.add_argument("--digest", metavar="sha256:HEX", help="refuse a bundle whose digest differs (pinning)")
@@ -518,8 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_runs)
 
     show = commands.add_parser("show", help=cmd_show.__doc__, description=cmd_show.__doc__)
-    show.add_argument("run", help="a run's URI (local path or s3://)")
-    show.add_argument("--config", metavar="FILE", help="config whose storage.s3 settings reach the run")
+    show.add_argument("run", help="a run's URI (local path or s3://), or its id under storage.root (as `raypipe "
+                                  "runs` lists it)")
+    show.add_argument("--config", metavar="FILE",
+                      help="config whose storage.root holds a run given by id, and whose storage.s3 reaches it")
     _output(show)
     show.set_defaults(func=cmd_show)
 

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,8 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SecretStr, StrictFloat, StrictInt, ValidationError, field_validator, model_validator,
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# The bundled default (digits) is package data, so an installed raypipe finds it from any directory.
+DEFAULT_CONFIG = resources.files("raypipe") / "configs" / "default.yaml"
 
 # What `--smoke-test` changes in any config: a few hundred rows, a few epochs, about a minute.
 SMOKE_OVERRIDES: dict[str, Any] = {
@@ -27,6 +29,9 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "train.epochs": 4,
     "train.batch_size": 32,
     "compress.latency_repeats": 5,
+    # A few hundred rows leave ~70 in the validation split, where one row is 1.4 points: the default 0.01
+    # would reject any variant that answers a single row differently.
+    "compress.max_accuracy_drop": 0.05,
 }
 
 
@@ -43,6 +48,11 @@ class _Model(BaseModel):
 
 # Fields whose values are never logged, written, or echoed in an error.
 SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
+
+# A model name is one segment of a URL and of a path (bundles hold a folder per model).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A variant name is a folder of the run, on disks that may ignore case: no dots, at most 64 characters.
+VARIANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 class S3Config(_Model):
@@ -264,7 +274,7 @@ class CompressConfig(_Model):
         parsed = {}
         for name, steps in recipes.items():
             where = f"compress.recipes.{name}"
-            if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name)
+            if (not isinstance(name, str) or not re.fullmatch(VARIANT_PATTERN, name)
                     or name.casefold() == "fp32"):
                 raise ValueError(f"{where}: a variant name is up to 64 letters, digits, '_' or '-', and not fp32 "
                                  f"(always built)")
@@ -320,6 +330,11 @@ class ServeConfig(_Model):
                              "already queued, so a lone request never waits.")
     max_models_per_replica: int = Field(4, ge=1, description="Models each replica keeps loaded (LRU).")
     access_log: bool = Field(False, description="A log line per request (off: it costs throughput).")
+    app_name: str = Field(
+        "raypipe", pattern=NAME_PATTERN,
+        description="The Serve application's name. On a shared cluster each `raypipe serve` needs its own: "
+                    "an application of that name that raypipe did not deploy is never replaced, and Ctrl-C "
+                    "deletes this one alone.")
 
     @model_validator(mode="after")
     def _ordered(self) -> ServeConfig:
@@ -340,7 +355,7 @@ class RayConfig(_Model):
 class Config(_Model):
     """A whole pipeline: data -> train -> compress -> store -> serve."""
 
-    name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name served over REST.")
+    name: str = Field("digits", pattern=NAME_PATTERN, description="Model name served over REST.")
     seed: int = Field(0, description="Seeds the split, the augmentation and the model initialisation.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)

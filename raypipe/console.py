@@ -32,6 +32,17 @@ def columns(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[st
                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
+def counts(by_key: dict[str, int], zeros: bool = False) -> str:
+    """`duplicate 3, outlier 1`: counts by key as a person reads them; zeros left out unless `zeros`."""
+    return ", ".join(f"{key} {n}" for key, n in by_key.items() if n or zeros) or "none"
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, newlines, bidirectional
+    overrides) written as its Python escape: what a run's files say is shown, never obeyed."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
 def interactive() -> bool:
     """A person is watching: stderr is a terminal, and the logs are not JSON for a machine."""
     return FORMAT != "json" and sys.stderr.isatty()
@@ -100,6 +111,14 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name in ("ray.serve", "ray.train"):  # their driver-side informational lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Serve resets its logger's level to INFO whenever it starts or connects (serve.start, serve.run), but
+    # keeps a logger's filters: "Started Serve", "Connecting to existing Serve app", "Application ... is
+    # ready at" (a URL without the /v2 the API lives under) stay out of raypipe's output.
+    logging.getLogger("ray.serve").addFilter(_warnings_only)
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def embedded_ray_env() -> dict[str, str]:
@@ -109,18 +128,24 @@ def embedded_ray_env() -> dict[str, str]:
     return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def ray_runtime_env() -> dict:
-    """The embedded Ray's job-wide runtime environment: quiet Ray's worker processes too (unless -v). Ray
-    Data inside workers (Ray Train's per-epoch ingest) draws no bars: forwarded to this terminal, they
-    would stack up, one set per dataset and epoch."""
+def ray_runtime_env(one_machine: bool = True) -> dict:
+    """The job-wide runtime environment raypipe gives Ray, embedded or joined: quiet Ray's worker processes
+    too (unless -v). Ray Data inside workers (Ray Train's per-epoch ingest) draws no bars: forwarded to this
+    terminal or the job's log, they would stack up, one set per dataset and epoch. On `one_machine`, Ray
+    Train's preemption watcher is off: it polls for spot-instance notices that one machine never gets, and
+    its actor (created with by-reference arguments and restarts) makes Ray's core worker log an error line
+    each time training starts."""
     if VERBOSE:
         return {}
-    return {"worker_process_setup_hook": "raypipe.console.quiet_ray_worker",
-            "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if one_machine:
+        env_vars.update(embedded_ray_env())
+    return {"worker_process_setup_hook": "raypipe.console.quiet_ray_worker", "env_vars": env_vars}
 
 
 def quiet_ray_worker() -> None:
-    """Runs as each of the embedded Ray's worker processes starts (a documented runtime_env hook)."""
+    """Runs as each of Ray's worker processes for a raypipe job starts (a documented runtime_env hook)."""
+    import sys
     import warnings
 
     from ray.util.annotations import RayDeprecationWarning
@@ -129,6 +154,14 @@ def quiet_ray_worker() -> None:
     # setting ExecutionOptions.exclude_resources): nothing a raypipe user can act on. A deprecated call
     # made from raypipe's code is reported as from raypipe's module, and still shows.
     warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
+    # Ray Data's execution plans and per-dataset lines go to its log file, as in the driver. A worker of an
+    # embedded Ray inherits the variable; one on a cluster gets it here, with this worker's own path.
+    if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(RAY_DATA_LOGGING)
+        if "ray.data" in sys.modules:  # configured at import: configure it again
+            from ray.data._internal.logging import configure_logging  # pinned: ray==2.60.0
+
+            configure_logging()
     # Ray Train 2.60 logs "Reporting training result N: ..." at INFO from a logger named by its file path
     # (getLogger(__file__)), which RunConfig's log level, a filter on ray.train.*, does not reach. Named
     # here without importing Ray Train, which every worker (Serve replicas too) would then pay for.

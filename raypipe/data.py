@@ -495,7 +495,6 @@ def build(cfg: DataConfig, seed: int, paths: RunPaths, info: dict[str, Any] | No
         max_rows_per_file=rows_per_file)
 
     rows, shards, dropped["outlier"] = _place_splits(paths)
-    log.info("data: read %d rows, dropped %s, split %s", rows_read, dropped, rows)
     for split, count in rows.items():
         if count == 0:
             raise ValueError(f"data: the {split} split is empty; use more rows or a larger data.split")

@@ -48,8 +48,9 @@ def data_stage(cfg: Config, paths: RunPaths, source: dict[str, Any] | None = Non
     with console.stage("data", f"reading {cfg.data.source}") as outcome, console.ray_data_bars():
         stats = data.build(cfg.data, cfg.rng_seed(), paths, source)
         dropped = sum(stats.rows_dropped.values())
-        outcome["done"] = f"{stats.rows_read - dropped} rows kept, {dropped} dropped; " + ", ".join(
-            f"{split} {n}" for split, n in stats.rows.items())
+        reasons = f" ({console.counts(stats.rows_dropped)})" if dropped else ""
+        outcome["done"] = f"{stats.rows_read - dropped} rows kept, {dropped} dropped{reasons}; " + console.counts(
+            stats.rows, zeros=True)
     return stats
 
 
@@ -60,6 +61,8 @@ def train_stage(cfg: Config, paths: RunPaths, stats: DataStats) -> TrainSummary:
     workers = low if low == high else f"{low}..{high}"
     with console.stage("train", f"{cfg.train.epochs} epochs, {workers} {cfg.train.device} workers, "
                                 f"{cfg.model.arch}") as outcome:
+        # Starting the worker group and the first epoch take a while before the first per-epoch line.
+        log.info("train: starting %s Ray Train workers; a line follows each epoch as it ends", workers)
         trained = train.fit(cfg, data.load(paths), stats, paths)
         trained.write(paths, TRAIN_SUMMARY)
         outcome["done"] = f"best epoch {trained.best_epoch}, validation accuracy {trained.best_val_accuracy:.4f}"
@@ -73,7 +76,7 @@ def _kept(paths: RunPaths, name: str) -> Variant | None:
     if not (paths.exists(f"{rel}/meta.json") and paths.exists(f"{rel}/model.onnx")):
         return None
     variant = Variant.read(paths, f"{rel}/meta.json")
-    return variant if paths.sha256(f"{rel}/model.onnx")[0] == variant.sha256 else None
+    return compress.relocate(variant, paths) if paths.sha256(f"{rel}/model.onnx")[0] == variant.sha256 else None
 
 
 def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary,
@@ -85,14 +88,15 @@ def finish(cfg: Config, paths: RunPaths, stats: DataStats, trained: TrainSummary
     kept = {name: _kept(paths, name) for name in cfg.compress.recipes if names is not None and name not in names}
     kept = {name: variant for name, variant in kept.items() if variant is not None}
     build = [name for name in cfg.compress.recipes if name not in kept]
-    with console.stage("compress", f"fp32{''.join(', ' + n for n in build)}: build, evaluate on the test split, "
-                                   f"guard") as outcome:
+    with console.stage("compress", f"fp32{''.join(', ' + n for n in build)}: build, evaluate on the validation "
+                                   f"and test splits, guard on validation") as outcome:
         variants = compress.run(cfg, trained.checkpoint, data.load(paths), stats, paths, kept)
         compress.guard(variants, cfg.compress.max_accuracy_drop)
         for variant in variants:
             variant.write(paths, f"models/{variant.name}/meta.json")
-            log.info("compress: %s %.1f KiB, test accuracy %.4f, %s", variant.name, variant.size_bytes / 1024,
-                     variant.test_accuracy, "accepted" if variant.accepted else f"rejected: {variant.reason}")
+            log.info("compress: %s %.1f KiB, validation accuracy %.4f, test accuracy %.4f, %s", variant.name,
+                     variant.size_bytes / 1024, variant.val_accuracy, variant.test_accuracy,
+                     "accepted" if variant.accepted else f"rejected: {variant.reason}")
         promoted = compress.promote(variants, cfg.compress.promote)
         outcome["done"] = f"promoted {promoted} ({cfg.compress.promote} accepted)"
     write_config(cfg, paths)  # the recipes of every variant now in the run (after they all exist)

@@ -8,16 +8,21 @@ the file and the field, not three modules later. No Ray or torch imports here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+import json
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from raypipe.config import ConfigError
+from raypipe.config import NAME_PATTERN, VARIANT_PATTERN, ConfigError
 
 if TYPE_CHECKING:
     from raypipe.storage import RunPaths
 
 R = TypeVar("R", bound="Record")
+
+# Names that serving turns into paths and URL segments, checked by the config's own rules when read back.
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+VariantName = Annotated[str, Field(pattern=VARIANT_PATTERN)]
 
 
 class Record(BaseModel):
@@ -26,12 +31,25 @@ class Record(BaseModel):
     @classmethod
     def read(cls: type[R], paths: RunPaths, rel: str) -> R:
         """The record stored at `rel` in the run; ConfigError naming the file and field if it does not fit."""
+        return cls.parse(paths.read_bytes(rel), f"{paths.uri}/{rel}")
+
+    @classmethod
+    def parse(cls: type[R], data: bytes, where: str) -> R:
+        """The record in `data` (JSON bytes already read, and checked, from the file `where`)."""
         try:
-            return cls.model_validate(paths.read_json(rel))
+            tree = json.loads(data)
+        except ValueError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err})") from None
+        try:
+            return cls.model_validate(tree)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"{paths.uri}/{rel}: {where}: {first['msg']}") from None
+            loc, msg = [str(p) for p in first["loc"]], first["msg"]
+            if loc[-1:] == ["[key]"]:  # a mapping's key, such as a model name in bundle.json
+                loc, msg = loc[:-2], f"key {first['input']!r}: {msg}"
+            elif first["type"] == "string_pattern_mismatch":
+                msg += f" (got {first['input']!r})"
+            raise ConfigError(f"{where}: {'.'.join(loc)}: {msg}") from None
 
     def write(self, paths: RunPaths, rel: str) -> None:
         paths.write_json(rel, self.model_dump(mode="json"))
@@ -91,12 +109,15 @@ class TrainSummary(Record):
 class Variant(Record):
     """models/<name>/meta.json: one compressed (or not) model and the guard's verdict."""
 
-    name: str
+    name: VariantName
     format: str
     uri: str
     sha256: str
     size_bytes: int
-    test_accuracy: float
+    val_accuracy: float | None = Field(
+        None, description="Accuracy on the validation split: what the guard and promotion decide on. None in "
+                          "runs made before it was recorded (they decided on test_accuracy).")
+    test_accuracy: float = Field(description="Accuracy on the test split, which no decision looks at.")
     latency_ms: dict[str, float]
     accepted: bool = False
     reason: str = ""
@@ -107,6 +128,17 @@ class Variant(Record):
     macs: int = Field(0, description="Multiply-accumulates per sample.")
     size_ratio: float = Field(1.0, description="fp32's file size / this one's.")
     speedup_b64: float = Field(1.0, description="fp32's latency at batch 64 / this one's.")
+    latency_spread: float = Field(
+        0.0, description="The interquartile range of the batch-64 timing rounds over their median: the noise "
+                         "under which `promote: fastest` treats two variants as equally fast.")
+
+
+class ReportedConfig(Record):
+    """The run's config as report.json holds it; serving reads its `name`, the model's name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: ModelName
 
 
 class RunReport(Record):
@@ -115,5 +147,5 @@ class RunReport(Record):
     model_config = ConfigDict(extra="ignore")
 
     variants: list[Variant]
-    promoted: str
-    config: dict[str, Any]
+    promoted: VariantName
+    config: ReportedConfig

@@ -71,33 +71,38 @@ def _training_plot(history: list[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
+def decided_on(variant: dict[str, Any]) -> str:
+    """The accuracy the guard and promotion read: validation; in runs made before it was recorded, test."""
+    return "test_accuracy" if variant.get("val_accuracy") is None else "val_accuracy"
+
+
 def pareto_front(variants: list[dict[str, Any]]) -> set[str]:
-    """Names of the variants no other variant beats: at least as accurate, as fast at batch 64 and as small,
-    and better in one of them."""
+    """Names of the variants no other variant beats: at least as accurate (on the split decisions read), as
+    fast at batch 64 and as small, and better in one of them."""
     def score(v):
-        return (-v["test_accuracy"], v["latency_ms"]["batch_64"], v["size_bytes"])
+        return (-v[decided_on(v)], v["latency_ms"]["batch_64"], v["size_bytes"])
 
     return {v["name"] for v in variants
             if not any(score(o) != score(v) and all(a <= b for a, b in zip(score(o), score(v))) for o in variants)}
 
 
 def _variants_plot(variants: list[dict[str, Any]], max_drop: float) -> bytes:
-    """Accuracy against latency at batch 64, each marker's area in proportion to the file size; the
-    Pareto front ringed, rejected variants in red, the guard's floor dashed."""
+    """Validation accuracy (what the guard reads) against latency at batch 64, each marker's area in
+    proportion to the file size; the Pareto front ringed, rejected variants in red, the guard's floor dashed."""
     plt = _pyplot()
     front, largest = pareto_front(variants), max(v["size_bytes"] for v in variants)
     fig, axis = plt.subplots(figsize=(8, 4.6))
     for i, v in enumerate(sorted(variants, key=lambda v: v["latency_ms"]["batch_64"])):
-        x, y = v["latency_ms"]["batch_64"], v["test_accuracy"]
+        x, y = v["latency_ms"]["batch_64"], v[decided_on(v)]
         axis.scatter(x, y, s=60 + 900 * v["size_bytes"] / largest, alpha=0.6,
                      color="tab:blue" if v["accepted"] else "tab:red",
                      edgecolors="black" if v["name"] in front else "none", linewidths=2)
         axis.annotate(f"{v['name']} ({v['size_bytes'] / 1024:.0f} KiB)", (x, y), textcoords="offset points",
                       xytext=(8, 10 if i % 2 == 0 else -16), fontsize=8)  # alternate: neighbours' labels apart
-    baseline = next(v for v in variants if v["name"] == "fp32")["test_accuracy"]
-    axis.axhline(baseline - max_drop, color="tab:red", linestyle="--", linewidth=1,
+    fp32 = next(v for v in variants if v["name"] == "fp32")
+    axis.axhline(fp32[decided_on(fp32)] - max_drop, color="tab:red", linestyle="--", linewidth=1,
                  label=f"guard: fp32 accuracy - {max_drop}")
-    axis.set(xlabel="latency at batch 64, one thread (ms)", ylabel="test accuracy",
+    axis.set(xlabel="latency at batch 64, one thread (ms)", ylabel="validation accuracy",
              title="Variants: marker area = file size; black ring = Pareto front; red = rejected")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
@@ -118,7 +123,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# raypipe run `{report['run_id']}`",
         "",
-        f"Data: {data['rows_read']} rows read, dropped {data['rows_dropped']}, split {data['rows']}, "
+        f"Data: {data['rows_read']} rows read, dropped {console.counts(data['rows_dropped'])}, "
+        f"split {console.counts(data['rows'], zeros=True)}, "
         f"augmentations {', '.join(data['augmentations']) or 'none'}.",
         "",
         f"Training: {trained['workers']} workers on {trained['device']}, {trained['precision']}, "
@@ -128,16 +134,18 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "![training curves](plots/training.png)",
         "",
-        "| variant | recipe | params | MACs | size (KiB) | smaller | test accuracy | latency b=1 (ms) "
-        "| latency b=64 (ms) | faster b=64 | accepted | reason |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "Accepted and promoted on validation accuracy; test accuracy is the untouched estimate.",
+        "",
+        "| variant | recipe | params | MACs | size (KiB) | smaller | validation accuracy | test accuracy "
+        "| latency b=1 (ms) | latency b=64 (ms) | faster b=64 | accepted | reason |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for v in report["variants"]:
         lines.append(
             f"| {v['name']}{' (promoted)' if v['name'] == report['promoted'] else ''} | {recipe_text(v['recipe'])} | "
             f"{v['params']} | {v['macs']} | {v['size_bytes'] / 1024:.1f} | {v['size_ratio']:.2f}x | "
-            f"{v['test_accuracy']:.4f} | {v['latency_ms']['batch_1']:.3f} | {v['latency_ms']['batch_64']:.3f} | "
-            f"{v['speedup_b64']:.2f}x | {'yes' if v['accepted'] else 'no'} | {v['reason']} |"
+            f"{_accuracy(v, 'val_accuracy')} | {v['test_accuracy']:.4f} | {v['latency_ms']['batch_1']:.3f} | "
+            f"{v['latency_ms']['batch_64']:.3f} | {v['speedup_b64']:.2f}x | {'yes' if v['accepted'] else 'no'} | {v['reason']} |"
         )
     lines += ["", "![variants](plots/variants.png)", ""]
     return "\n".join(lines)
@@ -167,17 +175,24 @@ def _html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     )
 
 
-VARIANT_COLUMNS = ("variant", "size", "smaller", "test accuracy", "b=1 ms", "b=64 ms", "faster", "accepted")
+VARIANT_COLUMNS = ("variant", "size", "smaller", "val accuracy", "test accuracy", "b=1 ms", "b=64 ms", "faster",
+                   "accepted")
 
 
 def _variant_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    baseline = next(v for v in report["variants"] if v["name"] == "fp32")["test_accuracy"]
+    """One row per variant; a rejected one shows its drop on the split the guard read."""
+    fp32 = next(v for v in report["variants"] if v["name"] == "fp32")
     return [(
         f"{v['name']}{' *' if v['name'] == report['promoted'] else ''}", _kib(v["size_bytes"]),
-        _times(v, "size_ratio"), f"{v['test_accuracy']:.4f}", f"{v['latency_ms']['batch_1']:.3f}",
-        f"{v['latency_ms']['batch_64']:.3f}", _times(v, "speedup_b64"),
-        "yes" if v["accepted"] else f"no, drop {baseline - v['test_accuracy']:.4f}",
+        _times(v, "size_ratio"), _accuracy(v, "val_accuracy"), f"{v['test_accuracy']:.4f}",
+        f"{v['latency_ms']['batch_1']:.3f}", f"{v['latency_ms']['batch_64']:.3f}", _times(v, "speedup_b64"),
+        "yes" if v["accepted"] else f"no, drop {fp32[decided_on(v)] - v[decided_on(v)]:.4f}",
     ) for v in report["variants"]]
+
+
+def _accuracy(variant: dict[str, Any], key: str) -> str:
+    """`0.9583`, or `-` in a run made before the figure was recorded."""
+    return "-" if variant.get(key) is None else f"{variant[key]:.4f}"
 
 
 def _times(variant: dict[str, Any], key: str) -> str:
@@ -199,7 +214,7 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     """The run in a few labelled lines: what `raypipe run` ends with and `raypipe show` prints."""
     data, trained = report["data"], report["train"]
     dropped = sum(data["rows_dropped"].values())
-    reasons = ", ".join(f"{n} {why}" for why, n in data["rows_dropped"].items() if n) or "none"
+    reasons = console.counts(data["rows_dropped"])
     # The epoch whose checkpoint was kept as the best (and compressed), as the train stage reported it.
     best = next((h for h in trained["history"] if h["epoch"] == trained["best_epoch"]),
                 max(trained["history"], key=lambda h: h["val_accuracy"]))
@@ -218,10 +233,12 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """The run's summary as plain text lines (no colour, no control characters)."""
-    facts = _facts(report)
+    """The run's summary as plain text lines (no colour, no control characters: any in the report's strings
+    are shown escaped)."""
+    facts = [(k, console.printable(v)) for k, v in _facts(report)]
     width = max(len(k) for k, _ in facts)
-    variants = console.columns([VARIANT_COLUMNS, *_variant_rows(report)], right=(1, 2, 3, 4, 5, 6))
+    rows = [tuple(console.printable(cell) for cell in row) for row in _variant_rows(report)]
+    variants = console.columns([VARIANT_COLUMNS, *rows], right=(1, 2, 3, 4, 5, 6, 7))
     lines = [f"{k:<{width}}  {v}" for k, v in facts[:2]]
     lines += [f"{'variants' if i == 0 else '':<{width}}  {row}" for i, row in enumerate(variants)]
     lines += [f"{k:<{width}}  {v}" for k, v in facts[2:]]

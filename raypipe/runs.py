@@ -5,17 +5,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import posixpath
 import re
 from typing import Any
 
 from raypipe import console
-from raypipe.config import S3Config
+from raypipe.config import S3Config, StorageConfig
 from raypipe.storage import MANIFEST, RunPaths, filesystem, strip_scheme
 
 # <name>-YYYYMMDD-HHMMSS-<hex>, as RunPaths.create names a run
 RUN_ID = re.compile(r"(?P<name>[\w.-]+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{6}", re.ASCII)  # fullmatch'd
 COLUMNS = ("id", "date", "model", "state", "best val acc", "promoted", "size")
+
+
+def locate(run: str, storage: StorageConfig) -> str:
+    """The run a command-line RUN argument names: a path or s3:// URI as given, or a bare run id (as
+    `raypipe runs` lists them) under `storage.root` when no such file or folder is in the working directory."""
+    if run.startswith(("s3://", "~")) or "/" in run or os.path.exists(run):
+        return run
+    return f"{storage.root}/{run}"
 
 
 def list_runs(root: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
@@ -54,9 +63,9 @@ def _describe(paths: RunPaths, match: re.Match) -> dict[str, Any]:
             run["best_val_accuracy"] = best if math.isfinite(best) else None
         if "report.json" in has:
             report = paths.read_json("report.json")
-            run["model"] = str(report["config"]["name"]).encode("ascii", "backslashreplace").decode()
+            run["model"] = console.printable(report["config"]["name"])
             promoted = next(v for v in report["variants"] if v["name"] == report["promoted"])
-            run["promoted"] = str(promoted["name"]).encode("ascii", "backslashreplace").decode()
+            run["promoted"] = console.printable(promoted["name"])
             run["promoted_size_bytes"] = int(promoted["size_bytes"])
     except Exception:  # an unreadable folder or a damaged file: listed and marked, never fatal to the list
         run["state"] += " (damaged)" if run["state"] != "unreadable" else ""

@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import json  # noqa: E402
 import re  # noqa: E402
+import secrets  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -57,6 +58,23 @@ def raypipe(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
 BIN = Path(sys.executable).parent
 
 
+def wait_until_up(process: subprocess.Popen, url: str, seconds: float = 60) -> None:
+    """Poll `url` until it answers 200, failing early (with its stderr) if `process` exits."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{url} not up in {seconds:.0f} s"
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.3)
+
+
 @dataclass
 class Head:
     """A Ray head started by `ray start --head` on loopback, in its own temp dir, and ended by its PIDs."""
@@ -74,13 +92,23 @@ class Head:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def auth_header(self) -> dict[str, str]:
+        """What a client of the head's dashboard and job server sends (token auth is on)."""
+        return {"Authorization": f"Bearer {Path(self.env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"}
+
     @classmethod
     def start(cls, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Head:
         import tempfile
 
         temp_dir = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # short: Ray's socket paths have a length limit
+        # Token auth with a token of the head's own: nothing in ~/.ray (which a new machine lacks) is needed.
+        token = Path(temp_dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
         head = cls(temp_dir, port or free_port(), free_port(),
-                   {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", **(env or {})})
+                   {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN_PATH": str(token), **(env or {})})
         started = subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={head.port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}", f"--temp-dir={temp_dir}",

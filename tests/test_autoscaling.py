@@ -38,10 +38,8 @@ def fake_cluster(tmp_path_factory):
 
 
 def alive_nodes(head: Head) -> list[dict]:
-    token = Path.home() / ".ray" / "auth_token"  # the head runs with token auth (RAY_AUTH_MODE=token)
-    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
-    reply = requests.get(f"{head.dashboard}/api/v0/nodes", params={"limit": 100, "detail": 1}, headers=headers,
-                         timeout=30)
+    reply = requests.get(f"{head.dashboard}/api/v0/nodes", params={"limit": 100, "detail": 1},
+                         headers=head.auth_header, timeout=30)
     reply.raise_for_status()
     return [n for n in reply.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 

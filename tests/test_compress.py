@@ -5,11 +5,13 @@ The pure parts run in this process (no Ray); the rest reads the session's smoke 
 subprocess on a copy of it (its own embedded Ray, one at a time).
 """
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -111,8 +113,9 @@ def test_dynamic_int8_quantizes_a_linear_model():
     assert len(fp32) / len(dynamic) >= 3
 
 
-def _variant(name, accuracy, size, b64):
-    return Variant(name=name, format="onnx", uri=name, sha256="0", size_bytes=size, test_accuracy=accuracy,
+def _variant(name, accuracy, size, b64, test_accuracy=None):
+    return Variant(name=name, format="onnx", uri=name, sha256="0", size_bytes=size, val_accuracy=accuracy,
+                   test_accuracy=accuracy if test_accuracy is None else test_accuracy,
                    latency_ms={"batch_1": 1.0, "batch_64": b64})
 
 
@@ -127,6 +130,63 @@ def test_promote_picks_among_accepted_variants_by_the_rule():
     assert compress.promote(variants, "most_accurate") == "pruned"  # as accurate as fp32, and smaller
     front = report.pareto_front([v.model_dump() for v in variants])
     assert front == {"int8", "pruned", "tiny"}  # fp32 is beaten by pruned: as accurate, faster, smaller
+
+
+def test_fastest_is_decided_only_beyond_the_measured_noise():
+    fast, close = _variant("int8", 0.94, 100, 4.0), _variant("pruned", 0.95, 200, 4.1)
+    variants = [_variant("fp32", 0.95, 400, 10.0), fast, close]
+    compress.guard(variants, max_drop=0.02)
+    # 2.5% apart: within the 5% floor, so equally fast, and the more accurate one wins.
+    assert compress.promote(variants, "fastest") == "pruned"
+    close.latency_ms["batch_64"] = 4.4  # 10% slower: beyond the noise
+    assert compress.promote(variants, "fastest") == "int8"
+    fast.latency_spread = 0.15  # but timings that wandered 15% cannot tell them apart
+    assert compress.promote(variants, "fastest") == "pruned"
+
+
+def test_latencies_are_timed_in_interleaved_rounds_with_their_spread():
+    from raypipe import evaluate
+
+    torch.manual_seed(0)
+    stats = data_stats([1, 8, 8], mean=4.0, std=6.0)
+    small = compress.export_onnx(models.with_standardize(models.build(ModelConfig(hidden=[8]), stats), stats), 64)
+    large = compress.export_onnx(models.with_standardize(models.build(ModelConfig(hidden=[1024, 1024]), stats), stats), 64)
+    timed = evaluate.latencies({"small": small, "large": large}, np.ones((1, 64), np.float32), repeats=10)
+    assert set(timed["small"]) == {"batch_1", "batch_64", "batch_64_spread"}
+    assert timed["large"]["batch_64"] > timed["small"]["batch_64"] > 0
+    assert timed["small"]["batch_64_spread"] >= 0
+
+
+def test_the_guard_and_promotion_decide_on_validation_and_never_look_at_test():
+    # Test figures that would reverse every decision: only the validation ones may count.
+    variants = [_variant("fp32", 0.95, 400, 10.0, test_accuracy=0.80),
+                _variant("int8", 0.90, 100, 5.0, test_accuracy=0.99),
+                _variant("pruned", 0.96, 200, 4.0, test_accuracy=0.70)]
+    compress.guard(variants, max_drop=0.01)
+    assert [v.accepted for v in variants] == [True, False, True]
+    assert variants[1].reason == "validation accuracy drop 0.0500 exceeds compress.max_accuracy_drop 0.01"
+    assert compress.promote(variants, "most_accurate") == "pruned"
+    assert compress.promote(variants, "smallest") == "pruned"
+    # A record written before validation accuracy was recorded still opens.
+    old = Variant.model_validate({k: v for k, v in variants[0].model_dump().items() if k != "val_accuracy"})
+    assert old.val_accuracy is None and old.test_accuracy == 0.80
+
+
+def test_a_kept_variant_names_the_files_of_the_run_it_is_in_now(tmp_path):
+    from raypipe import pipeline
+
+    run = tmp_path / "moved" / "digits-20260101-000000-abcdef"
+    (run / "models/pruned").mkdir(parents=True)
+    (run / "models/pruned/model.onnx").write_bytes(b"onnx")
+    first = "/where/it/was/made/digits-20260101-000000-abcdef"
+    recipe = [{"prune": {"ratio": 0.5}},
+              {"finetune": {"epochs": 1, "checkpoint": f"{first}/compress/pruned-0123abcd/checkpoints/best/x.pt"}}]
+    record = _variant("pruned", 0.9, 4, 1.0).model_copy(update={
+        "uri": f"{first}/models/pruned/model.onnx", "sha256": hashlib.sha256(b"onnx").hexdigest(), "recipe": recipe})
+    (run / "models/pruned/meta.json").write_text(record.model_dump_json())
+    kept = pipeline._kept(RunPaths.open(str(run)), "pruned")
+    assert kept.uri == f"{run}/models/pruned/model.onnx"
+    assert kept.recipe[1]["finetune"]["checkpoint"] == f"{run}/compress/pruned-0123abcd/checkpoints/best/x.pt"
 
 
 def test_recompress_names_the_recipes_set_and_reads_runs_made_before_recipes():
@@ -171,6 +231,9 @@ def test_every_variant_reports_its_recipe_size_and_speed(smoke_run):
     assert int8["size_ratio"] >= 3.4 and both["size_ratio"] >= 5
     markdown = (smoke_run.path / "report.md").read_text()
     assert "| pruned-int8" in markdown and "prune 0.5, finetune 2, quantize static" in markdown
+    assert "{'" not in markdown  # counts by reason as words, not Python dicts
+    for v in variants.values():  # decided on validation, reported on test: both figures are there
+        assert 0 < v["val_accuracy"] <= 1 and 0 < v["test_accuracy"] <= 1
 
 
 RECOUNT = """
@@ -223,6 +286,10 @@ def test_recompress_adds_a_variant_the_guard_rejects_and_never_serves(smoke_run,
     shutil.copytree(smoke_run.path, run)
     before = {v["name"]: v for v in smoke_run.report()["variants"]}
     files = {name: (run / f"models/{name}/model.onnx").stat().st_ino for name in before}
+    # int8 as a run made before validation accuracy was recorded stores it: measured now, for the guard.
+    meta = json.loads((run / "models/int8/meta.json").read_text())
+    del meta["val_accuracy"]
+    (run / "models/int8/meta.json").write_text(json.dumps(meta))
     done = raypipe("compress", str(run), "--set", "compress.recipes={extreme: [prune: {ratio: 0.9}]}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(run)
@@ -237,6 +304,10 @@ def test_recompress_adds_a_variant_the_guard_rejects_and_never_serves(smoke_run,
         assert (run / f"models/{name}/model.onnx").stat().st_ino == files[name], name
         assert variants[name]["sha256"] == before[name]["sha256"]
         assert variants[name]["test_accuracy"] == before[name]["test_accuracy"]
+        assert variants[name]["val_accuracy"] == pytest.approx(before[name]["val_accuracy"], abs=1e-9)
+        assert variants[name]["uri"] == f"{run}/models/{name}/model.onnx"  # the copy's file, not the original's
+    checkpoint = variants["pruned"]["recipe"][1]["finetune"]["checkpoint"]
+    assert checkpoint.startswith(f"{run}/compress/pruned-") and Path(checkpoint).is_file()
     assert (run / "models/fp32/model.onnx").stat().st_ino != files["fp32"]  # the baseline is rebuilt and retimed
     assert list((run / "compress").glob("pruned-*/checkpoints/best/checkpoint.pt"))  # still what pruned came from
     assert RunPaths.open(str(run)).verify() == []  # re-sealed: the manifest vouches for every file again

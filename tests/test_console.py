@@ -103,6 +103,9 @@ def test_piped_output_is_plain_timestamped_lines(smoke_run):
         assert re.match(r"\d\d:\d\d:\d\d raypipe (INFO|WARNING) |\d{4}-\d\d-\d\d [\d:,]+\s+WARNING ", line), line
     assert "Progress bars" not in stderr and "dataset sampling" not in stderr
     assert "raypipe INFO train: epoch 4/4 train_loss" in log, "one line per epoch"
+    # Before the first epoch's line, a wait of many seconds: said to be the workers starting.
+    starting = log.index("raypipe INFO train: starting 2 Ray Train workers")
+    assert log.index("raypipe INFO train: 4 epochs") < starting < log.index("raypipe INFO train: epoch 1/4")
 
 
 def test_runs_lists_sealed_and_incomplete_runs(smoke_run, tmp_path):

@@ -15,7 +15,7 @@ ROWS = 100_000  # 32x32x3 uint8: 293 MiB of pixels, three times the object store
 
 @pytest.fixture(scope="module", autouse=True)
 def small_object_store():
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE, _node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE, _node_ip_address="127.0.0.1", include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
@@ -16,7 +15,7 @@ import s3fs
 from raypipe.predict import OnnxModel
 from raypipe.serving import bundle, edge
 from raypipe.serving.catalog import open_sources
-from tests.conftest import REPO, free_port, raypipe
+from tests.conftest import REPO, free_port, raypipe, wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +75,7 @@ def test_edge_serves_the_bundle_with_two_workers_and_no_ray_or_torch(exported, s
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "edge server not up in 60 s"
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
+        wait_until_up(process, f"{base}/v2/health/ready")
         x = np.random.default_rng(0).uniform(0, 16, (5, 64)).astype(np.float32)
         body = {"inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32", "data": x.tolist()}]}
         reply = requests.post(f"{base}/v2/models/digits/versions/int8/infer", json=body, timeout=10)
@@ -106,8 +97,9 @@ def test_the_edge_app_imports_neither_ray_nor_torch(exported):
     target, _ = exported
     code = ("import sys; from raypipe.serving import edge; edge.create_app(); import raypipe.cli; "
             "print(sorted(m for m in ('ray', 'torch', 'pyarrow') if m in sys.modules))")
+    catalog = open_sources([str(target)]).model_dump_json()
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, edge.SOURCE_ENV: str(target), edge.VARIANTS_ENV: ""})
+                          env={**os.environ, edge.CATALOG_ENV: catalog})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
 
@@ -122,13 +114,13 @@ def test_pull_from_s3_verifies_and_caches_by_digest(exported, smoke_run, s3_endp
     digest = bundle.export([smoke_run.uri], "s3://edge-bundles/digits-v1")
     assert fs.exists("edge-bundles/digits-v1/bundle.json") and fs.exists("edge-bundles/digits-v1/digits/config.pbtxt")
 
-    local = bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest)
+    local = bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest).path
     assert local == tmp_path / digest.removeprefix("sha256:")
     catalog = open_sources([str(local)])
     assert list(catalog.models["digits"].versions) == [smoke_run.report()["promoted"]]
     # A second node start finds the copy by digest and fetches nothing: the objects may even be gone.
     fs.rm("edge-bundles/digits-v1/digits", recursive=True)
-    assert bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest) == local
+    assert bundle.pull("s3://edge-bundles/digits-v1", tmp_path, digest).path == local
 
 
 def test_serving_verifies_what_it_reads_and_only_that(smoke_run, tmp_path):
@@ -175,7 +167,7 @@ def test_a_rejected_variant_is_neither_promoted_nor_served(smoke_run, tmp_path):
     from raypipe.records import Variant
 
     variants = [Variant(name=name, format="onnx", uri=f"/m/{name}", sha256="0" * 64, size_bytes=size,
-                        test_accuracy=accuracy, latency_ms={"batch_1": 0.1, "batch_64": 1.0})
+                        val_accuracy=accuracy, test_accuracy=accuracy, latency_ms={"batch_1": 0.1, "batch_64": 1.0})
                 for name, accuracy, size in (("fp32", 0.95, 200), ("int8", 0.90, 60))]
     compress.guard(variants, max_drop=0.01)
     assert [v.accepted for v in variants] == [True, False] and "0.05" in variants[1].reason

@@ -46,7 +46,8 @@ def test_report_holds_every_field(smoke_run):
     fp32, int8 = report["variants"][:2]
     assert fp32["accepted"] and fp32["test_accuracy"] > 0.5
     assert int8["size_bytes"] < fp32["size_bytes"] / 2
-    assert int8["accepted"] == (fp32["test_accuracy"] - int8["test_accuracy"] <= 0.01 + 1e-9)
+    drop = report["config"]["compress"]["max_accuracy_drop"]
+    assert int8["accepted"] == (fp32["val_accuracy"] - int8["val_accuracy"] <= drop + 1e-9)
     assert report["promoted"] in {v["name"] for v in report["variants"] if v["accepted"]}
     assert set(report["lineage"]) == {"dataset", "checkpoint", "artifacts"}
 

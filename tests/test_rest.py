@@ -1,6 +1,7 @@
 """The V2 routes in-process (FastAPI TestClient) over real ONNX models: status codes, bodies, extensions."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +218,171 @@ def test_loose_or_contradictory_requests_are_400(client, body, header, needle):
     headers = {"Inference-Header-Content-Length": str(len(raw))} if header else {}
     reply = client.post("/v2/models/digits/infer", content=raw + (b"junk" if header else b""), headers=headers)
     assert reply.status_code == 400 and needle in reply.json()["error"], reply.text
+
+
+def _json_body(values: int, shape: list[int]) -> bytes:
+    return (b'{"inputs":[{"name":"input","shape":' + json.dumps(shape).encode()
+            + b',"datatype":"FP32","data":[' + b",".join([b"1.5"] * values) + b"]}]}")
+
+
+def test_a_large_json_body_with_a_small_shape_is_refused_before_it_is_parsed(client):
+    import time
+    import tracemalloc
+
+    raw = _json_body(1_500_000, [1, 64])  # 6 MiB: under the model's JSON limit, far over what [1, 64] needs
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        reply = client.post("/v2/models/digits/infer", content=raw, headers={"content-type": "application/json"})
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Parsed into Python numbers, the body took about 70 MiB; refused unparsed, about its own size twice.
+    assert peak < 3 * len(raw), f"peak {peak / 2**20:.0f} MiB"
+    assert elapsed < 5
+    assert reply.status_code == 400 and "larger than shape [1, 64] can need" in reply.json()["error"]
+
+
+def test_a_json_body_over_its_models_limit_is_413_naming_binary_tensors(client):
+    from raypipe.serving.rest import json_limit
+
+    raw = _json_body(64, [1, 64])
+    raw = raw[:-1] + b" " * (json_limit(64) - len(raw) + 1) + b"}"
+    reply = client.post("/v2/models/digits/infer", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and "binary tensors" in reply.json()["error"]
+    assert reply.headers["raypipe-replica"] == "r1"
+    # The largest batch itself, written as json.dumps writes float64 values, fits.
+    x = np.random.default_rng(4).uniform(0, 1e-5, (4096, 64))
+    reply = _infer(client, x.tolist(), [4096, 64])
+    assert reply.status_code == 200, reply.text
+
+
+def test_bodies_received_at_once_are_bounded(client):
+    """A second body that would take the process over its bound of bodies held at once is a 503."""
+    import asyncio
+
+    app = client.app
+    app.max_receiving = 1000
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/digits/infer", "headers": [], "query_string": b""}
+
+    async def post(first: bytes, gate: asyncio.Event, answers: list):
+        sent = []
+
+        async def receive():
+            if not sent:
+                sent.append(first)
+                return {"type": "http.request", "body": first, "more_body": True}
+            await gate.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            answers.append(message)
+
+        await app(scope, receive, send)
+
+    async def run():
+        gate, held, second = asyncio.Event(), [], []
+        first = asyncio.create_task(post(b" " * 600, gate, held))
+        await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(post(b" " * 600, gate, second), 5)
+        finally:
+            gate.set()
+            await first
+        return second
+
+    try:
+        second = asyncio.run(run())
+    finally:
+        del app.max_receiving
+    assert second[0]["status"] == 503 and (b"raypipe-replica", b"r1") in second[0]["headers"]
+    assert b"retry shortly" in second[1]["body"]
+    from raypipe.serving.rest import V2App
+
+    assert V2App.receiving == 0  # released when the requests end
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("get", "/v2/nowhere", 404), ("get", "/v2/models/digits/infer", 405), ("delete", "/v2/models/digits", 405),
+    ("post", "/v2/models/other/infer", 404), ("get", "/v2/models/other/ready", 404)])
+def test_every_error_is_json_error_and_names_the_replica(client, method, path, status):
+    reply = getattr(client, method)(path)
+    assert reply.status_code == status
+    assert list(reply.json()) == ["error"], reply.text
+    assert reply.headers["raypipe-replica"] == "r1"
+
+
+def test_model_index_lists_every_model(client):
+    reply = client.get("/v2/models")
+    assert reply.status_code == 200 and reply.headers["raypipe-replica"] == "r1"
+    assert reply.json() == {"models": [{"name": "digits", "versions": ["fp32", "int8"], "promoted": "fp32"},
+                                       {"name": "letters", "versions": ["fp32", "int8"], "promoted": "fp32"}]}
+
+
+def test_a_model_named_stats_is_reachable(blob, tmp_path):
+    catalog = Catalog.combine([_spec("stats", blob, tmp_path)])
+    stats_client = TestClient(make_app(EdgeBackend(catalog), replica="r2"))
+    assert stats_client.get("/v2/models/stats").json()["name"] == "stats"
+    assert _infer(stats_client, [1.0] * 64, [1, 64], path="/v2/models/stats/infer").status_code == 200
+    assert stats_client.get("/v2/models/stats/ready").json()["ready"] is True
+    assert stats_client.get("/v2/models/stats/stats").json()["model_stats"][0]["inference_count"] == 1
+
+
+class LazyBackend:
+    """The Serve replica's loading (an LRU that loads on first use and remembers failures) behind the
+    routes, with a loader that counts its calls and fails for fp32."""
+
+    def __init__(self, catalog: Catalog):
+        from raypipe.serving.app import Models
+        from raypipe.serving.rest import Stats
+
+        self.catalog, self.stats, self.loads = catalog, Stats(), []
+        self.models = Models(catalog, capacity=2, retry_s=60, load=self._load)
+
+    def _load(self, spec):
+        from raypipe.config import ConfigError
+
+        self.loads.append(spec.uri)
+        if "fp32" in spec.uri:
+            raise ConfigError(f"{spec.uri}: sha256 does not match the recorded digest")
+        return OnnxModel(Path(spec.uri).read_bytes())
+
+    async def infer(self, model, version, x):
+        return (await self.models.get(model, version)).predict(x)
+
+    def state(self, model, version):
+        return self.models.state(model, version)
+
+    def loaded(self):
+        return self.models.loaded()
+
+
+def test_readiness_reports_state_and_never_loads(blob, tmp_path):
+    for version in ("fp32", "int8"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "m.onnx").write_bytes(blob)
+    versions = {v: VersionSpec(uri=str(tmp_path / v / "m.onnx"), sha256=sha256_bytes(blob), size_bytes=len(blob),
+                               test_accuracy=0.9) for v in ("fp32", "int8")}
+    catalog = Catalog.combine([ModelSpec(name="digits", promoted="fp32", features=64, classes=10,
+                                         source=str(tmp_path), versions=versions)])
+    backend = LazyBackend(catalog)
+    lazy = TestClient(make_app(backend, replica="r3"))
+    for _ in range(3):
+        reply = lazy.get("/v2/models/digits/versions/int8/ready")
+        assert reply.status_code == 200 and reply.json()["state"] == "available"
+    assert lazy.get("/v2/health/ready").status_code == 200
+    assert backend.loads == []  # asking is not loading
+
+    for _ in range(3):
+        reply = _infer(lazy, [1.0] * 64, [1, 64])
+        assert reply.status_code == 503 and "'fp32' of 'digits' cannot be loaded now" in reply.json()["error"]
+    assert len(backend.loads) == 1  # the failure is remembered, not retried per request
+    reply = lazy.get("/v2/models/digits/ready")
+    assert reply.status_code == 503 and reply.json()["state"] == "failed" and reply.json()["retry_in_s"] > 0
+    assert "sha256" in reply.json()["reason"] and reply.headers["raypipe-replica"] == "r3"
+    reply = lazy.get("/v2/health/ready")
+    assert reply.status_code == 503 and "digits/fp32" in reply.json()["error"]
+
+    assert _infer(lazy, [1.0] * 64, [1, 64], path="/v2/models/digits/versions/int8/infer").status_code == 200
+    assert lazy.get("/v2/models/digits/versions/int8/ready").json()["state"] == "loaded"

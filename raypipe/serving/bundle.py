@@ -7,7 +7,9 @@ A bundle is a folder (local or s3://) that is also a Triton model repository:
     <bundle>/<model>/<n>/model.onnx          one numbered version per variant (bundle.json maps the names)
 
 Its digest is the sha256 of bundle.json, so equal digests mean equal bundles: a fleet pulls a bundle from
-S3 or disk once per node into a cache keyed by that digest, like a CDN. Imports neither Ray nor torch.
+S3 or disk once per node into a cache keyed by that digest, like a CDN. A cached copy is used only while
+its bundle.json still hashes to the digest and its files to what that bundle.json records; with the digest
+pinned, such a copy needs no source at all. Imports neither Ray nor torch.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.config import ConfigError
-from raypipe.serving.catalog import (BUNDLE, BUNDLE_FORMAT, ModelSpec, bundle_digest, open_sources, read_model,
-                                     safe_path)
+from raypipe.serving.catalog import (BUNDLE, BUNDLE_FORMAT, BundleManifest, FileEntry, ModelSpec, bundle_digest,
+                                     check_digest, open_sources, pinned, read_model, safe_path)
 from raypipe.storage import UMASK, filesystem, read_bytes, sha256_bytes, strip_scheme, write_bytes
 
 DEFAULT_CACHE = Path(os.environ.get("RAYPIPE_CACHE", "~/.cache/raypipe")).expanduser() / "bundles"
@@ -79,28 +82,55 @@ def export(sources: list[str], to: str, variants: list[str] | None = None) -> st
     return bundle_digest(manifest)
 
 
-def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Path:
+@dataclass(frozen=True)
+class Pulled:
+    """A verified copy of a bundle in the cache, and how it was had."""
+
+    path: Path  # cache/<the digest's hex>
+    digest: str
+    fetched: bool  # False: the cache had it already
+    source_read: bool  # False: the digest was pinned and cached, so the source was not reached at all
+    damaged: list[str]  # files of a local source that do not match its bundle.json (the cached copy is whole)
+
+
+def cached(cache: Path, digest: str) -> Path | None:
+    """The copy of bundle `digest` in the cache, if whole: its bundle.json hashes to `digest` and every file
+    to what that bundle.json records. None when absent or damaged."""
+    target = cache / pinned(digest, "digest").removeprefix("sha256:")
+    try:
+        manifest = (target / BUNDLE).read_bytes()
+    except OSError:
+        return None
+    if bundle_digest(manifest) != digest:
+        return None
+    files = BundleManifest.parse(manifest, str(target / BUNDLE)).files
+    for rel in files:
+        safe_path(str(target), rel)
+    return None if _problems(target, files) else target
+
+
+def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pulled:
     """A verified local copy of the bundle at `uri`, under `cache/<digest>`; fetched only when absent.
 
-    Every file is checked against bundle.json (and bundle.json against `digest` when given) before the
-    copy is published by one rename; a mismatch is a ConfigError naming the file."""
+    With `digest` pinned and a whole copy cached, the source is not reached. Otherwise bundle.json is read
+    (and checked against `digest` when pinned); a whole cached copy of its digest is used (a local
+    source's files are checked too, and those that differ reported); else every file is checked against
+    bundle.json before the copy is published by one rename. A mismatch is a ConfigError naming the file."""
     uri = uri.rstrip("/")
+    if digest is not None and (target := cached(cache, digest)) is not None:
+        return Pulled(target, digest, fetched=False, source_read=False, damaged=[])
     try:
         manifest = read_bytes(f"{uri}/{BUNDLE}")
     except FileNotFoundError:
         raise ConfigError(f"{uri}: no {BUNDLE} (not a bundle, or an incomplete one)") from None
-    actual = bundle_digest(manifest)
-    if digest is not None and digest != actual:
-        raise ConfigError(f"{uri}/{BUNDLE}: digest {actual} is not the expected {digest}")
-    target = cache / actual.removeprefix("sha256:")
-    try:
-        files = json.loads(manifest)["files"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{uri}/{BUNDLE}: not a bundle manifest (no files)") from None
+    actual = check_digest(manifest, f"{uri}/{BUNDLE}", digest)
+    files = BundleManifest.parse(manifest, f"{uri}/{BUNDLE}").files
     for rel in files:
         safe_path(uri, rel)
-    if target.is_dir() and not _problems(target, files):
-        return target
+    if (target := cached(cache, actual)) is not None:
+        damaged = [] if uri.startswith("s3://") else _problems(Path(uri).expanduser(), files)
+        return Pulled(target, actual, fetched=False, source_read=True, damaged=damaged)
+    target = cache / actual.removeprefix("sha256:")
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".pull-"))
     staging.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; the workers of other users may read the cache
@@ -110,7 +140,7 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pa
                 blob = read_bytes(f"{uri}/{rel}")
             except FileNotFoundError:
                 raise ConfigError(f"{uri}/{rel}: missing from the bundle") from None
-            if sha256_bytes(blob) != entry["sha256"]:
+            if sha256_bytes(blob) != entry.sha256:
                 raise ConfigError(f"{uri}/{rel}: sha256 does not match {BUNDLE}")
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_bytes(blob)
@@ -122,13 +152,19 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pa
         try:
             os.replace(staging, target)
         except OSError:  # another process published the same digest first: use its copy if whole
-            if _problems(target, files):
+            if cached(cache, actual) is None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return Pulled(target, actual, fetched=True, source_read=True, damaged=[])
 
 
-def _problems(folder: Path, files: dict[str, dict]) -> list[str]:
-    return [rel for rel, entry in files.items()
-            if not (folder / rel).is_file() or sha256_bytes((folder / rel).read_bytes()) != entry["sha256"]]
+def _problems(folder: Path, files: dict[str, FileEntry]) -> list[str]:
+    """What differs between a folder and the files its bundle.json records, one line per file."""
+    problems = []
+    for rel, entry in files.items():
+        if not (folder / rel).is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_bytes((folder / rel).read_bytes()) != entry.sha256:
+            problems.append(f"{rel}: sha256 does not match {BUNDLE}")
+    return problems

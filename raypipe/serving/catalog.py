@@ -1,25 +1,29 @@
 """What a server serves: models by name, each accepted variant a version, opened from sealed runs or bundles.
 
 A run is verified against its MANIFEST.json (only the files serving reads); a bundle against its
-bundle.json. Every model file is checked against its recorded sha256 again when it is loaded, so a replica
-or edge worker never runs bytes that differ from what was verified. Imports neither Ray nor torch.
+bundle.json. Either manifest may be pinned by its sha256 (a source's digest); every manifest and record is
+parsed from the very bytes that were checked. Every model file is checked against its recorded sha256 again
+when it is loaded, so a replica or edge worker never runs bytes that differ from what was verified. Model
+and version names are checked by the config's rules wherever they are read, since they become paths and
+URL segments. Imports neither Ray nor torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from raypipe.config import ConfigError
-from raypipe.records import DataStats, RunReport
-from raypipe.storage import RunPaths, filesystem, read_bytes, sha256_bytes
+from raypipe.records import DataStats, ModelName, Record, RunReport, VariantName
+from raypipe.storage import MANIFEST, RunPaths, filesystem, read_bytes, sha256_bytes
 
 BUNDLE = "bundle.json"
 BUNDLE_FORMAT = "raypipe-bundle/1"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
 class _Frozen(BaseModel):
@@ -89,16 +93,32 @@ def _choose(name: str, source: str, promoted: str, versions: dict[str, VersionSp
     return promoted, versions
 
 
-def open_run(uri: str, variants: list[str] | None = None) -> ModelSpec:
-    """A sealed run's accepted variants, after checking the files serving reads against its manifest."""
+class FileEntry(Record):
+    sha256: str
+    size: int
+
+
+class RunManifest(Record):
+    """A run's MANIFEST.json: every file's sha256 and size."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    files: dict[str, FileEntry]
+
+
+def open_run(uri: str, variants: list[str] | None = None, digest: str | None = None) -> ModelSpec:
+    """A sealed run's accepted variants. The files serving reads (MANIFEST.json, report.json,
+    data/stats.json) are each read once, checked, and parsed from the bytes checked; `digest` pins the run
+    to the sha256 of its MANIFEST.json."""
     paths = RunPaths.open(uri)
-    if not paths.exists("MANIFEST.json"):
-        raise ConfigError(f"{paths.uri}: refusing to serve: no MANIFEST.json (the run is incomplete or failed)")
-    manifest = paths.read_json("MANIFEST.json")["files"]
-    problems = paths.verify(["report.json", "data/stats.json"])
-    if problems:
-        raise ConfigError(f"{paths.uri}: refusing to serve: {problems[0]}")
-    report, stats = RunReport.read(paths, "report.json"), DataStats.read(paths, "data/stats.json")
+    try:
+        sealed = paths.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise ConfigError(f"{paths.uri}: refusing to serve: no {MANIFEST} (the run is incomplete or failed)") from None
+    check_digest(sealed, f"{paths.uri}/{MANIFEST}", digest)
+    manifest = RunManifest.parse(sealed, f"{paths.uri}/{MANIFEST}").files
+    report = RunReport.parse(_checked(paths, manifest, "report.json"), f"{paths.uri}/report.json")
+    stats = DataStats.parse(_checked(paths, manifest, "data/stats.json"), f"{paths.uri}/data/stats.json")
     versions = {}
     for variant in report.variants:
         if not variant.accepted:
@@ -107,18 +127,51 @@ def open_run(uri: str, variants: list[str] | None = None) -> ModelSpec:
         entry = manifest.get(rel)
         if entry is None:
             raise ConfigError(f"{paths.uri}: refusing to serve: {rel}: not in the manifest")
-        versions[variant.name] = VersionSpec(uri=paths.child_uri(rel), sha256=entry["sha256"],
-                                             size_bytes=entry["size"], test_accuracy=variant.test_accuracy,
-                                             format=variant.format)
-    name = report.config["name"]
+        versions[variant.name] = VersionSpec(uri=paths.child_uri(rel), sha256=entry.sha256, size_bytes=entry.size,
+                                             test_accuracy=variant.test_accuracy, format=variant.format)
+    name = report.config.name
     promoted, versions = _choose(name, paths.uri, report.promoted, versions, variants)
     return ModelSpec(name=name, promoted=promoted, features=stats.features, classes=stats.num_classes,
                      source=paths.uri, versions=versions)
 
 
+def _checked(paths: RunPaths, manifest: dict[str, FileEntry], rel: str) -> bytes:
+    """The bytes of a run's file, read once and refused unless they match the manifest."""
+    if rel not in manifest:
+        problem = "not in the manifest"
+    else:
+        try:
+            data = paths.read_bytes(rel)
+        except FileNotFoundError:
+            problem = "missing"
+        else:
+            if sha256_bytes(data) == manifest[rel].sha256:
+                return data
+            problem = "sha256 does not match the manifest"
+    raise ConfigError(f"{paths.uri}: refusing to serve: {rel}: {problem}")
+
+
 def bundle_digest(manifest: bytes) -> str:
-    """A bundle's identity: the sha256 of its bundle.json, which holds the sha256 of every other file."""
+    """A bundle's identity: the sha256 of its bundle.json, which holds the sha256 of every other file. A
+    run's digest is the same of its MANIFEST.json."""
     return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def pinned(digest: str, source: str) -> str:
+    """A pin as given for `source`, refused unless it has a digest's form (it also names a cache folder)."""
+    if not re.fullmatch(DIGEST_PATTERN, digest):
+        raise ConfigError(f"{source}: pinned digest {digest!r} is not 'sha256:' and 64 lowercase hex digits")
+    return digest
+
+
+def check_digest(manifest: bytes, where: str, digest: str | None) -> str:
+    """The digest of a manifest's bytes; ConfigError naming the file when a pinned `digest` differs."""
+    if digest is not None:
+        pinned(digest, where)
+    actual = bundle_digest(manifest)
+    if digest is not None and digest != actual:
+        raise ConfigError(f"{where}: digest {actual} is not the expected {digest}")
+    return actual
 
 
 def safe_path(uri: str, rel: str) -> str:
@@ -129,26 +182,52 @@ def safe_path(uri: str, rel: str) -> str:
     return rel
 
 
-def open_bundle(uri: str, variants: list[str] | None = None) -> list[ModelSpec]:
-    """The models of a bundle written by `raypipe export` (its bundle.json; files checked on load)."""
+class BundleVersion(Record):
+    file: str = Field(description="The model file, relative to the bundle.")
+    triton_version: int
+    sha256: str
+    size_bytes: int
+    test_accuracy: float
+    format: str
+
+
+class BundleModel(Record):
+    promoted: VariantName
+    features: int
+    classes: int
+    source: str
+    versions: dict[VariantName, BundleVersion]
+
+
+class BundleManifest(Record):
+    """bundle.json, as `export` writes it and pulls and servers read it."""
+
+    format: Literal[BUNDLE_FORMAT]
+    created: str
+    models: dict[ModelName, BundleModel]
+    files: dict[str, FileEntry]
+
+
+def open_bundle(uri: str, variants: list[str] | None = None, digest: str | None = None) -> list[ModelSpec]:
+    """The models of a bundle written by `raypipe export`, from its bundle.json read once (and checked
+    against `digest` when pinned); model files are checked on load."""
     uri = uri.rstrip("/")
     if not uri.startswith("s3://"):
         uri = str(Path(uri).expanduser().resolve())
-    manifest = json.loads(read_bytes(f"{uri}/{BUNDLE}"))
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise ConfigError(f"{uri}/{BUNDLE}: not a {BUNDLE_FORMAT} bundle")
-    specs = []
     try:
-        for name, model in manifest["models"].items():
-            versions = {v: VersionSpec(uri=f"{uri}/{safe_path(uri, entry['file'])}", sha256=entry["sha256"],
-                                       size_bytes=entry["size_bytes"], test_accuracy=entry["test_accuracy"],
-                                       format=entry["format"])
-                        for v, entry in model["versions"].items()}
-            promoted, versions = _choose(name, uri, model["promoted"], versions, variants)
-            specs.append(ModelSpec(name=name, promoted=promoted, features=model["features"],
-                                   classes=model["classes"], source=uri, versions=versions))
-    except (KeyError, TypeError, AttributeError, ValidationError) as err:
-        raise ConfigError(f"{uri}/{BUNDLE}: not a {BUNDLE_FORMAT} bundle ({type(err).__name__}: {err})") from None
+        data = read_bytes(f"{uri}/{BUNDLE}")
+    except FileNotFoundError:
+        raise ConfigError(f"{uri}: no {BUNDLE} (not a bundle, or an incomplete one)") from None
+    check_digest(data, f"{uri}/{BUNDLE}", digest)
+    manifest = BundleManifest.parse(data, f"{uri}/{BUNDLE}")
+    specs = []
+    for name, model in manifest.models.items():
+        versions = {v: VersionSpec(uri=f"{uri}/{safe_path(uri, entry.file)}", sha256=entry.sha256,
+                                   size_bytes=entry.size_bytes, test_accuracy=entry.test_accuracy, format=entry.format)
+                    for v, entry in model.versions.items()}
+        promoted, versions = _choose(name, uri, model.promoted, versions, variants)
+        specs.append(ModelSpec(name=name, promoted=promoted, features=model.features, classes=model.classes,
+                               source=uri, versions=versions))
     return specs
 
 
@@ -157,14 +236,16 @@ def is_bundle(uri: str) -> bool:
     return filesystem(uri).exists(f"{uri.removeprefix('s3://')}/{BUNDLE}")
 
 
-def open_sources(uris: list[str], variants: list[str] | None = None) -> Catalog:
-    """One catalog over runs and bundles; a missing source, a failed check or a clash of names is a
-    ConfigError naming it."""
+def open_sources(uris: list[str], variants: list[str] | None = None,
+                 digests: dict[str, str] | None = None) -> Catalog:
+    """One catalog over runs and bundles, each pinned to its digest in `digests` (by URI as given) when
+    there; a missing source, a failed check or a clash of names is a ConfigError naming it."""
     specs: list[ModelSpec] = []
     for uri in uris:
         if not uri.startswith("s3://") and "://" in uri:
             raise ConfigError(f"{uri}: unsupported scheme: use a local path or s3://")
-        specs += open_bundle(uri, variants) if is_bundle(uri) else [open_run(uri, variants)]
+        digest = (digests or {}).get(uri)
+        specs += open_bundle(uri, variants, digest) if is_bundle(uri) else [open_run(uri, variants, digest)]
     catalog = Catalog.combine(specs)
     for spec in specs:  # fail here, naming the file, rather than later in a replica
         for version in spec.versions.values():

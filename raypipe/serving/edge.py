@@ -1,7 +1,8 @@
 """The edge server: the same V2 REST app on uvicorn and ONNX Runtime, with no Ray and no torch.
 
 `raypipe edge RUN_OR_BUNDLE` verifies its source once (a bundle is pulled into the digest-keyed cache
-first), then starts uvicorn with `--workers` processes; each loads every model of the catalog. Requests
+first), then starts uvicorn with `--workers` processes; each gets the catalog so verified (no manifest is
+read again) and loads every model of it, each file checked against its sha256. Requests
 that arrive while a model is busy join its next call, so batches form under load and a lone request
 never waits.
 """
@@ -15,17 +16,16 @@ import time
 import numpy as np
 
 from raypipe.predict import OnnxModel
-from raypipe.serving.catalog import Catalog, open_sources, read_model
-from raypipe.serving.rest import Stats, make_app
+from raypipe.serving.catalog import Catalog, read_model
+from raypipe.serving.rest import MAX_BATCH, Stats, VersionState, make_app
 
-SOURCE_ENV = "RAYPIPE_EDGE_SOURCE"
-VARIANTS_ENV = "RAYPIPE_EDGE_VARIANTS"
+CATALOG_ENV = "RAYPIPE_EDGE_CATALOG"
 
 
 class CoalescingModel:
     """One model; concurrent requests are joined into one call while the previous call runs."""
 
-    def __init__(self, model: OnnxModel, max_rows: int = 4096):
+    def __init__(self, model: OnnxModel, max_rows: int = MAX_BATCH):
         self.model, self.max_rows = model, max_rows
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self.busy, self._drainer = False, None
@@ -78,25 +78,22 @@ class EdgeBackend:
         return await self.models[model, version].predict(
             x, lambda ns: self.stats.execution(model, version, ns))
 
-    async def version_ready(self, model: str, version: str) -> bool:
-        return (model, version) in self.models
+    def state(self, model: str, version: str) -> VersionState:
+        return VersionState("loaded")  # every version loads when the worker starts, or the worker fails
 
     def loaded(self) -> list[str]:
         return sorted(f"{model}/{version}" for model, version in self.models)
 
 
 def create_app():
-    """The app for one uvicorn worker, from the verified source the parent process named."""
-    variants = os.environ.get(VARIANTS_ENV)
-    catalog = open_sources([os.environ[SOURCE_ENV]], variants.split(",") if variants else None)
-    return make_app(EdgeBackend(catalog))
+    """The app for one uvicorn worker, over the catalog its parent process verified."""
+    return make_app(EdgeBackend(Catalog.model_validate_json(os.environ[CATALOG_ENV])))
 
 
-def serve(source: str, host: str, port: int, workers: int, variants: list[str] | None) -> None:
-    """Run uvicorn on `source` (a local run or a pulled bundle) until Ctrl-C; blocks."""
+def serve(catalog: Catalog, host: str, port: int, workers: int) -> None:
+    """Run uvicorn on a verified catalog (of a local run or a pulled bundle) until Ctrl-C; blocks."""
     import uvicorn
 
-    os.environ[SOURCE_ENV] = source
-    os.environ[VARIANTS_ENV] = ",".join(variants or [])
+    os.environ[CATALOG_ENV] = catalog.model_dump_json()  # inherited by the workers uvicorn spawns
     uvicorn.run("raypipe.serving.edge:create_app", factory=True, host=host, port=port, workers=workers,
                 access_log=False, log_level="warning", timeout_graceful_shutdown=30)

@@ -4,7 +4,8 @@
 (raypipe.serving.app) and the Ray-free edge server (raypipe.serving.edge) both pass themselves. Every
 error is JSON `{"error": ...}` with the exact status; nothing a client sends yields a 500. Inputs come as
 JSON tensors or, with the binary tensor data extension (as Triton's clients send it), as raw bytes after
-the JSON header.
+the JSON header. A JSON body is bounded by what MAX_BATCH rows can need and by its declared shape before
+it is parsed, and one process holds at most MAX_RECEIVING bytes of bodies at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import numpy as np
 import orjson
@@ -22,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictInt, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raypipe.serving.catalog import Catalog, ModelSpec
 
@@ -29,6 +32,11 @@ log = logging.getLogger("raypipe")
 
 MAX_BATCH = 4096
 MAX_BODY = 64 * 2**20  # bytes: 4,096 rows of 32x32x3 FP32 values as binary tensors take 48 MiB
+# A JSON number with its separator and indentation, generously: json.dumps writes a float64 in at most
+# 24 characters ("-1.2345678901234567e-05"), and an indented nested body adds a few spaces and a newline.
+NUMBER_BYTES = 32
+JSON_SLACK = 64 * 2**10  # bytes of a JSON body besides its numbers: names, id, parameters, brackets
+MAX_RECEIVING = 4 * MAX_BODY  # bytes of request bodies one process holds at once; more wait for a retry
 INPUT_NAME = "input"
 OUTPUTS = ("label", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
@@ -73,6 +81,31 @@ class ModelUnavailable(HTTPException):
 
     def __init__(self, message: str):
         super().__init__(status_code=503, detail=message)
+
+
+def json_limit(features: int) -> int:
+    """The largest JSON infer body a model of `features` inputs accepts: MAX_BATCH rows of numbers."""
+    return min(MAX_BODY, MAX_BATCH * features * NUMBER_BYTES + JSON_SLACK)
+
+
+_DECLARED_ROWS = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,9})\s*,')
+
+
+def check_json_size(body: bytes, features: int) -> None:
+    """Refuse a JSON body far larger than its declared shape needs, before it is parsed into Python
+    objects (millions of numbers take many times their text's size). Any `"shape": [N, ...]` in the body
+    counts, the largest N winning, so a body can only claim more room than it declares, never less
+    than the rows it really sends, and never more than MAX_BATCH rows."""
+    if len(body) <= features * NUMBER_BYTES + JSON_SLACK:  # room for one row: nothing to check
+        return
+    declared = [int(rows) for rows in _DECLARED_ROWS.findall(body)]
+    if not declared:  # no plain shape to go by: json_limit still bounds the body
+        return
+    rows = min(max(declared), MAX_BATCH)
+    bound = rows * features * NUMBER_BYTES + JSON_SLACK
+    if len(body) > bound:
+        raise BadRequest(f"input {INPUT_NAME!r}: a JSON body of {len(body)} bytes is larger than shape "
+                         f"[{max(declared)}, {features}] can need (at most {bound} bytes)")
 
 
 def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
@@ -234,6 +267,22 @@ class Stats:
 
 # ---- the app ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class VersionState:
+    """Where one version stands in this process. `loaded`: in memory; `available`: verified when the
+    server opened its catalog (and not failed since), loaded by the first request that needs it;
+    `loading`: a load runs now and requests wait for it; `failed`: the last load failed, and requests
+    get a 503 until `retry_in_s` passes, when the next request tries again."""
+
+    state: Literal["loaded", "available", "loading", "failed"]
+    reason: str | None = None
+    retry_in_s: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state != "failed"
+
+
 class Backend(Protocol):
     """What the routes need: the catalog, predictions by (model, version), readiness, counters."""
 
@@ -242,7 +291,8 @@ class Backend(Protocol):
 
     async def infer(self, model: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
-    async def version_ready(self, model: str, version: str) -> bool: ...
+    def state(self, model: str, version: str) -> VersionState:
+        """The version's state, without loading anything (a client must not force loads)."""
 
     def loaded(self) -> list[str]:
         """The `model/version` keys this process holds in memory now."""
@@ -250,6 +300,8 @@ class Backend(Protocol):
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 
 
 def _openapi_with_body(app: FastAPI) -> None:
@@ -269,6 +321,7 @@ def _openapi_with_body(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
@@ -278,23 +331,62 @@ class V2App(FastAPI):
     model does. It is still a FastAPI app, so Ray Serve's ingress takes it as one."""
 
     answer_infer: Callable[[str, str | None, bytes, str | None], Awaitable[Response]]
+    json_limits: dict[str, int]  # by model name
+    replica_header: tuple[bytes, bytes]
+    receiving = 0  # bytes of infer bodies this process holds now (received, being answered)
+    max_receiving = MAX_RECEIVING
 
     async def __call__(self, scope, receive, send) -> None:
         match = scope["type"] == "http" and scope["method"] == "POST" and _INFER_PATH.match(scope["path"])
         if not match:
-            return await super().__call__(scope, receive, send)
+            if scope["type"] != "http":
+                return await super().__call__(scope, receive, send)
+
+            async def send_named(message) -> None:  # every answer names the replica, errors included
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), self.replica_header]
+                await send(message)
+
+            return await super().__call__(scope, receive, send_named)
+        header_length = declared = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value
+            elif key == _HEADER_LENGTH:
+                header_length = value.decode("latin-1")
+        limit = self.json_limits.get(match[1])
+        if limit is None:  # an unknown model: its 404 needs no body
+            return await (await self.answer_infer(match[1], match[2], b"", None))(scope, receive, send)
+        if header_length is not None:  # binary tensors: raw values after a small JSON header
+            limit = MAX_BODY
+        over = (f"request body over {limit} bytes" if limit == MAX_BODY else
+                f"JSON request body over {limit} bytes ({MAX_BATCH} rows); send large inputs as binary tensors")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(413, over, scope, receive, send)
         chunks, more, size = [], True, 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY:  # refused before it is parsed into memory many times its size
-                return await _error(413, f"request body over {MAX_BODY} bytes")(scope, receive, send)
-            more = message.get("more_body", False)
-        header_length = next((v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()), None)
-        response = await self.answer_infer(match[1], match[2], b"".join(chunks), header_length)
+        try:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                V2App.receiving += len(chunks[-1])
+                if size > limit:  # refused before it is parsed into memory many times its size
+                    return await self._refuse(413, over, scope, receive, send)
+                if V2App.receiving > self.max_receiving:
+                    return await self._refuse(503, f"the server holds {self.max_receiving} bytes of request "
+                                                   "bodies already; retry shortly", scope, receive, send,
+                                              {"Retry-After": "1"})
+                more = message.get("more_body", False)
+            response = await self.answer_infer(match[1], match[2], b"".join(chunks), header_length)
+            await response(scope, receive, send)
+        finally:
+            V2App.receiving -= size
+
+    async def _refuse(self, status: int, message: str, scope, receive, send, headers=None) -> None:
+        response = _error(status, message, headers)
+        response.headers.append(*(part.decode("latin-1") for part in self.replica_header))
         await response(scope, receive, send)
 
 
@@ -309,11 +401,14 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
     catalog, stats = backend.catalog, backend.stats
     replica = replica or f"pid-{os.getpid()}"
     replica_header = {REPLICA_HEADER: replica}
+    app.replica_header = (REPLICA_HEADER.encode(), replica.encode("latin-1"))
+    app.json_limits = {name: json_limit(spec.features) for name, spec in catalog.models.items()}
     infer_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
+    # Starlette's own exception (unknown routes, 405) as well as FastAPI's, which subclasses it.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -340,20 +435,23 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
         try:
             spec, version = spec_of(model, version)
         except HTTPException as err:
-            return _error(err.status_code, str(err.detail))
+            return _error(err.status_code, str(err.detail), replica_header)
         try:
+            if header_length is None:
+                check_json_size(raw, spec.features)
             body, tail = parse(raw, header_length)
             x = decode(body, tail, spec.features)
+            body.inputs[0].data = None  # the values live on in x: free the Python numbers before the model runs
             rows = len(x)
             labels, probabilities = await backend.infer(model, version, x)
             response = encode(body, model, version, labels, probabilities)
         except HTTPException as err:
             stats.request(model, version, rows, time.perf_counter_ns() - start, ok=False)
-            return _error(err.status_code, str(err.detail))
+            return _error(err.status_code, str(err.detail), {**replica_header, **(err.headers or {})})
         except Exception:
             stats.request(model, version, rows, time.perf_counter_ns() - start, ok=False)
             log.exception("unexpected error serving %s/%s", model, version)
-            return _error(500, "internal error")
+            return _error(500, "internal error", replica_header)
         stats.request(model, version, rows, time.perf_counter_ns() - start, ok=True)
         response.headers.update(replica_header)
         return response
@@ -370,16 +468,24 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Readiness: the server is up and its catalog verified")
+    @app.get("/v2/health/ready", summary="Readiness: the catalog verified, and no promoted version failing "
+                                         "to load in this replica")
     async def ready():
+        failing = {f"{name}/{spec.promoted}": state.reason for name, spec in catalog.models.items()
+                   if not (state := backend.state(name, spec.promoted)).ready}
+        if failing:
+            return _error(503, f"not ready: promoted versions that cannot be loaded now: {failing}")
         return {"ready": True}
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
         return {"name": "raypipe", "version": _version(), "extensions": EXTENSIONS}
 
-    # Before /v2/models/{model}, which would take "stats" for a model name.
-    @app.get("/v2/models/stats", summary="Statistics of every served version, in this replica")
+    @app.get("/v2/models", summary="Every served model: its versions and the promoted one")
+    async def model_index():
+        return {"models": [{"name": name, "versions": list(spec.versions), "promoted": spec.promoted}
+                           for name, spec in catalog.models.items()]}
+
     @app.get("/v2/models/{model}/stats", summary="Statistics of a model's versions, in this replica")
     @app.get("/v2/models/{model}/versions/{version}/stats", summary="Statistics of one version, in this replica")
     async def model_stats(model: str | None = None, version: str | None = None):
@@ -392,19 +498,28 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
             versions = [(model, spec_of(model, version)[1])]
         return stats.report(versions, replica, backend.loaded())
 
+    # Registered before /v2/models/{model}, which would take "stats" for a model name; but a model named
+    # `stats` keeps that path for its metadata (the core protocol's route wins over the extension's).
+    if "stats" not in catalog.models:
+        app.get("/v2/models/stats", summary="Statistics of every served version, in this replica")(model_stats)
+
     @app.get("/v2/models/{model}", summary="Model metadata (promoted version)")
     @app.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
     async def model_metadata(model: str, version: str | None = None):
         spec, version = spec_of(model, version)
         return spec.metadata(version)
 
-    @app.get("/v2/models/{model}/ready", summary="Model readiness (promoted version); loads it if needed")
-    @app.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness; loads it if needed")
+    @app.get("/v2/models/{model}/ready", summary="Model readiness (promoted version); never loads it")
+    @app.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness; never loads it")
     async def model_ready(model: str, version: str | None = None):
         spec, version = spec_of(model, version)
-        if not await backend.version_ready(model, version):
-            raise HTTPException(503, f"version {version!r} of {model!r} is not ready")
-        return {"name": model, "version": version, "ready": True}
+        state = backend.state(model, version)
+        body: dict[str, Any] = {"name": model, "version": version, "ready": state.ready, "state": state.state}
+        if state.ready:
+            return body
+        body.update(reason=state.reason, retry_in_s=state.retry_in_s,
+                    error=f"version {version!r} of {model!r} cannot be loaded now: {state.reason}")
+        return JSONResponse(body, status_code=503)
 
     _openapi_with_body(app)
     return app
