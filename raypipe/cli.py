@@ -49,7 +49,7 @@ def _log_config(cfg: Config, source: str, without_overrides) -> None:
 
 
 def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = False,
-              log_to_driver: bool = True) -> None:
+              log_to_driver: bool = True, check_storage: bool = True) -> None:
     """Connect to a cluster, or start an embedded local Ray. A command that `trains` is refused (exit 2)
     when its minimum worker group can never fit the embedded Ray, where it would otherwise wait forever;
     a cluster may still grow, so there it waits. Ray's workers are quieted the same way in both cases."""
@@ -58,10 +58,12 @@ def _init_ray(address: str | None, cfg: Config | None = None, trains: bool = Fal
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("ray: connecting to %s", address)
-        host = address.removeprefix("ray://").rsplit(":", 1)[0]
+        # A GCS address on loopback is a head on this machine (as under `ray job submit` to a local head); a
+        # Ray Client address (ray://) may be a tunnel to anywhere.
+        one_machine = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
         ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False,
-                 runtime_env=console.ray_runtime_env(one_machine=host in ("127.0.0.1", "localhost")))
-        if cfg is not None:
+                 runtime_env=console.ray_runtime_env(one_machine=one_machine))
+        if cfg is not None and check_storage:
             _check_storage_reaches_every_node(cfg)
     else:
         if trains:
@@ -100,7 +102,12 @@ def _ensure_auth_token() -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))  # as Ray's own generator: 256 bits
-    os.replace(tmp, path)  # whole or absent: a concurrent start never reads half a token
+    try:  # whole or absent, and never over another start's token: the first one written stays
+        os.link(tmp, path)
+    except FileExistsError:
+        return
+    finally:
+        tmp.unlink()
     log.info("ray: token auth on; wrote a new token to %s (mode 0600)", path)
 
 
@@ -327,11 +334,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     private = None
     if embedded:
+        from raypipe.serving import loopback
+
         server.check_fits_locally(cfg.serve, cfg.ray.num_cpus or _usable_cpus())
         os.environ.update(proxy_env(cfg.serve.proxy))
+        os.environ[loopback.LOOPBACK_ENV] = "1"  # one machine: replicas' own servers listen on loopback
         if cfg.serve.proxy == "haproxy":
-            from raypipe.serving import loopback
-
             env, private = loopback.prepare()
             os.environ.update(env)
     else:
@@ -348,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # Serve's own logs stay in its files (raypipe reports ready, scaling and failures itself), unless
         # the user asked for the access log or everything.
-        _init_ray(args.address, log_to_driver=cfg.serve.access_log or console.VERBOSE)
+        _init_ray(args.address, cfg, check_storage=False, log_to_driver=cfg.serve.access_log or console.VERBOSE)
         if not stop.is_set():
             server.run(app, catalog, cfg.serve, args.host, args.port, embedded, stop)
     finally:

@@ -290,7 +290,7 @@ def run(cfg: Config, checkpoint: str, datasets: dict[str, ray.data.Dataset], sta
 def _forget_finetunes(paths: RunPaths, variants: list[Variant]) -> None:
     """Remove the checkpoints of finetunes that no variant comes from any more (replaced recipes). Folders
     are matched by name, not by whole URI: a run copied or moved elsewhere still knows its own."""
-    used = {step["finetune"]["checkpoint"].rpartition(f"/{FINETUNES}/")[2].split("/")[0]
+    used = {_finetune_folder(step["finetune"]["checkpoint"]).split("/")[0]
             for v in variants for step in v.recipe if "finetune" in step}
     if paths.exists(FINETUNES):
         for name in (posixpath.basename(folder.rstrip("/")) for folder in paths.fs.ls(paths.path(FINETUNES),
@@ -299,13 +299,18 @@ def _forget_finetunes(paths: RunPaths, variants: list[Variant]) -> None:
                 paths.remove(f"{FINETUNES}/{name}")
 
 
+def _finetune_folder(checkpoint: str) -> str:
+    """`<variant>-<digest>/checkpoints/...` of a finetune checkpoint's URI, wherever the run lives."""
+    return checkpoint.rpartition(f"/{FINETUNES}/")[2]
+
+
 def relocate(variant: Variant, paths: RunPaths) -> Variant:
     """A variant record read back from `paths`, its URIs (the model file, its finetunes' checkpoints) made
     from where the run is now: a run copied or moved elsewhere still names its own files."""
     recipe = copy.deepcopy(variant.recipe)
     for step in recipe:
         if "finetune" in step:
-            folder = step["finetune"]["checkpoint"].rpartition(f"/{FINETUNES}/")[2]
+            folder = _finetune_folder(step["finetune"]["checkpoint"])
             step["finetune"]["checkpoint"] = paths.child_uri(f"{FINETUNES}/{folder}")
     return variant.model_copy(update={"uri": paths.child_uri(f"models/{variant.name}/model.onnx"), "recipe": recipe})
 

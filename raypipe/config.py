@@ -260,8 +260,10 @@ class CompressConfig(_Model):
                     "{epochs, lr}` or `quantize: {mode}` (quantize last). Every variant is exported to ONNX.")
     promote: Literal["smallest", "fastest", "most_accurate"] = Field(
         "smallest", description="Which accepted variant is served by default: smallest file, lowest latency at "
-                                "batch 64, or highest test accuracy.")
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest test-accuracy drop against fp32 a variant may have.")
+                                "batch 64 (beyond the measured timing noise), or highest validation accuracy.")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest validation-accuracy drop against fp32 a variant may have (the "
+                                      "test split stays out of every decision).")
     calibration_rows: int = Field(512, ge=1, description="Train rows used to calibrate int8 activation ranges.")
     latency_repeats: int = Field(30, ge=1, description="Timed calls per batch size; the median is reported.")
 
@@ -332,9 +334,9 @@ class ServeConfig(_Model):
     access_log: bool = Field(False, description="A log line per request (off: it costs throughput).")
     app_name: str = Field(
         "raypipe", pattern=NAME_PATTERN,
-        description="The Serve application's name. On a shared cluster each `raypipe serve` needs its own: "
-                    "an application of that name that raypipe did not deploy is never replaced, and Ctrl-C "
-                    "deletes this one alone.")
+        description="The Serve application's name (its REST API is served at /). On a shared cluster an "
+                    "application of that name that this `raypipe serve` did not deploy is never replaced, "
+                    "and Ctrl-C deletes this one alone.")
 
     @model_validator(mode="after")
     def _ordered(self) -> ServeConfig:

@@ -258,6 +258,24 @@ def test_a_json_body_over_its_models_limit_is_413_naming_binary_tensors(client):
     assert reply.status_code == 200, reply.text
 
 
+def test_an_unknown_version_is_404_before_its_body_is_sized(client):
+    from raypipe.serving.rest import json_limit
+
+    raw = b" " * (json_limit(64) + 1)
+    reply = client.post("/v2/models/digits/versions/nine/infer", content=raw,
+                        headers={"content-type": "application/json"})
+    assert reply.status_code == 404 and "unknown version 'nine'" in reply.json()["error"]
+
+
+def test_pretty_printed_json_is_sized_without_its_indentation(client):
+    x = np.random.default_rng(5).uniform(0, 16, (200, 64))
+    body = {"inputs": [{"name": "input", "shape": [200, 64], "datatype": "FP32", "data": x.tolist()}]}
+    raw = json.dumps(body, indent=8).encode()
+    assert len(raw) > 200 * 64 * 32  # more than the numbers may take: the spaces and newlines are most of it
+    reply = client.post("/v2/models/digits/infer", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 200, reply.text
+
+
 def test_bodies_received_at_once_are_bounded(client):
     """A second body that would take the process over its bound of bodies held at once is a 503."""
     import asyncio

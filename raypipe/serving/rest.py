@@ -83,9 +83,14 @@ class ModelUnavailable(HTTPException):
         super().__init__(status_code=503, detail=message)
 
 
+def _json_bound(rows: int, features: int) -> int:
+    """Bytes a JSON body of `rows` x `features` numbers may take."""
+    return rows * features * NUMBER_BYTES + JSON_SLACK
+
+
 def json_limit(features: int) -> int:
     """The largest JSON infer body a model of `features` inputs accepts: MAX_BATCH rows of numbers."""
-    return min(MAX_BODY, MAX_BATCH * features * NUMBER_BYTES + JSON_SLACK)
+    return min(MAX_BODY, _json_bound(MAX_BATCH, features))
 
 
 _DECLARED_ROWS = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,9})\s*,')
@@ -96,16 +101,17 @@ def check_json_size(body: bytes, features: int) -> None:
     objects (millions of numbers take many times their text's size). Any `"shape": [N, ...]` in the body
     counts, the largest N winning, so a body can only claim more room than it declares, never less
     than the rows it really sends, and never more than MAX_BATCH rows."""
-    if len(body) <= features * NUMBER_BYTES + JSON_SLACK:  # room for one row: nothing to check
+    if len(body) <= _json_bound(1, features):  # room for one row: nothing to check
         return
     declared = [int(rows) for rows in _DECLARED_ROWS.findall(body)]
     if not declared:  # no plain shape to go by: json_limit still bounds the body
         return
-    rows = min(max(declared), MAX_BATCH)
-    bound = rows * features * NUMBER_BYTES + JSON_SLACK
-    if len(body) > bound:
-        raise BadRequest(f"input {INPUT_NAME!r}: a JSON body of {len(body)} bytes is larger than shape "
-                         f"[{max(declared)}, {features}] can need (at most {bound} bytes)")
+    bound = _json_bound(min(max(declared), MAX_BATCH), features)
+    # Indentation is not counted: a pretty-printed body is as cheap to parse as a compact one.
+    size = len(body) - body.count(b" ") - body.count(b"\n")
+    if size > bound:
+        raise BadRequest(f"input {INPUT_NAME!r}: a JSON body of {size} bytes (whitespace aside) is larger than "
+                         f"shape [{max(declared)}, {features}] can need (at most {bound} bytes)")
 
 
 def parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
@@ -332,6 +338,7 @@ class V2App(FastAPI):
 
     answer_infer: Callable[[str, str | None, bytes, str | None], Awaitable[Response]]
     json_limits: dict[str, int]  # by model name
+    versions: dict[str, set[str]]  # by model name
     replica_header: tuple[bytes, bytes]
     receiving = 0  # bytes of infer bodies this process holds now (received, being answered)
     max_receiving = MAX_RECEIVING
@@ -355,7 +362,8 @@ class V2App(FastAPI):
             elif key == _HEADER_LENGTH:
                 header_length = value.decode("latin-1")
         limit = self.json_limits.get(match[1])
-        if limit is None:  # an unknown model: its 404 needs no body
+        if limit is None or (match[2] is not None and match[2] not in self.versions[match[1]]):
+            # an unknown model or version: its 404 needs no body
             return await (await self.answer_infer(match[1], match[2], b"", None))(scope, receive, send)
         if header_length is not None:  # binary tensors: raw values after a small JSON header
             limit = MAX_BODY
@@ -403,6 +411,7 @@ def make_app(backend: Backend, replica: str | None = None) -> FastAPI:
     replica_header = {REPLICA_HEADER: replica}
     app.replica_header = (REPLICA_HEADER.encode(), replica.encode("latin-1"))
     app.json_limits = {name: json_limit(spec.features) for name, spec in catalog.models.items()}
+    app.versions = {name: set(spec.versions) for name, spec in catalog.models.items()}
     infer_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 

@@ -66,13 +66,23 @@ def run(app, catalog: Catalog, cfg: ServeConfig, host: str, port: int, embedded:
     watch = _ScalingWatch(cfg.app_name)
     watcher = threading.Thread(target=watch.run, args=(stop,), daemon=True)
     try:
-        serve.run_many([RunTarget(app, name=cfg.app_name, route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        try:
+            serve.run_many([RunTarget(app, name=cfg.app_name, route_prefix="/")],
+                           wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        except Exception as err:  # Serve's own refusal of a second application at /
+            if "is being used by application" in str(err):
+                raise ConfigError(f"serve.app_name: another application already serves the route prefix / on "
+                                  f"this cluster (the REST API lives at /v2): {err}") from None
+            raise
         if not _wait_running(cfg.app_name, stop):
             return
-        url = f"http://{host}:{port}" if embedded else "the cluster's Serve HTTP address"
         models = "; ".join(f"{name} ({', '.join(spec.versions)})" for name, spec in catalog.models.items())
-        log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
+        if embedded:
+            url = f"http://{host}:{port}"
+            log.info("serve: ready on %s/v2: %s; docs %s/docs; Ctrl-C to stop", url, models, url)
+        else:
+            log.info("serve: ready as %r at /v2 of the cluster's Serve HTTP address: %s; Ctrl-C to stop",
+                     cfg.app_name, models)
         # From a thread: a Serve controller slow to answer never delays Ctrl-C.
         watcher.start()
         stop.wait()
