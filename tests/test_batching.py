@@ -115,6 +115,37 @@ def test_a_failed_load_is_remembered_then_retried():
     assert len(attempts) == 2
 
 
+def test_readiness_retries_a_failed_promoted_version_once_its_retry_period_ends():
+    """A replica whose promoted version failed stays unready until a load succeeds; the readiness probe
+    itself retries (at most once per period), so a balancer that holds traffic back still sees it heal."""
+    broken = {"v": True}
+    attempts = []
+
+    def load(spec):
+        attempts.append(spec)
+        if broken["v"]:
+            raise ConfigError("/nowhere: sha256 does not match the recorded digest")
+        return "model"
+
+    cls = InferenceServer.func_or_class
+    server = cls.__new__(cls)
+    server.catalog = _catalog()
+    server.models = Models(server.catalog, capacity=2, retry_s=0.2, load=load)
+
+    async def scenario():
+        with pytest.raises(ModelUnavailable):
+            await server.models.get("m", "v1")
+        assert server.state("m", "v1").state == "failed" and len(attempts) == 1  # gate closed: no retry
+        await asyncio.sleep(0.25)
+        broken["v"] = False  # the file is good again
+        assert server.state("m", "v1").state == "failed"  # this probe starts the retry...
+        await asyncio.sleep(0.05)
+        assert server.state("m", "v1").state == "loaded" and len(attempts) == 2  # ...and the next sees it
+        assert server.state("m", "v2").state == "available"  # other versions are never loaded by probes
+
+    asyncio.run(scenario())
+
+
 def test_a_slow_load_holds_only_its_own_version():
     release = threading.Event()
 

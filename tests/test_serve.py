@@ -404,6 +404,12 @@ def test_a_model_file_changed_under_the_server_is_a_503_not_a_500(server, bundle
         assert not [key for key in statuses if key[2] not in (200, 503) or (key[2] == 503 and key[1] != "fp32")]
     finally:
         target.write_bytes(original)
+    # Restored: once a replica's retry gate opens (5 s), its next request loads the file again and the
+    # version answers; until then readiness says why it cannot.
+    url = f"{server.base}/v2/models/digits/versions/fp32"
+    healed = _wait_for(lambda: all(requests.post(f"{url}/infer", json=body).status_code == 200 for _ in range(6))
+                       and requests.get(f"{server.base}/v2/health/ready").status_code == 200, 30)
+    assert healed < 30
 
 
 def test_ctrl_c_drains_requests_in_flight_while_a_replica_is_replaced(server, smoke_run):

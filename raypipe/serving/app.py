@@ -234,7 +234,14 @@ class InferenceServer:
         return self.models.loaded()
 
     def state(self, model: str, version: str) -> VersionState:
-        return self.models.state(model, version)
+        state = self.models.state(model, version)
+        if state.state == "failed" and state.retry_in_s == 0 and version == self.catalog.models[model].promoted:
+            # A promoted version stays failed (and the replica not ready) until a load succeeds; a balancer
+            # that holds traffic back from an unready replica would never send the request that retries
+            # it, so readiness probes retry it themselves, at most once per retry period.
+            task = asyncio.ensure_future(self.models.get(model, version))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return state
 
 
 def build_app(args: ServeArgs | dict) -> Application:
