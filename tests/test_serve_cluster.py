@@ -88,7 +88,7 @@ def test_a_deployment_waiting_for_room_stops_on_ctrl_c(cluster, smoke_run):
 def test_ctrl_c_deletes_its_own_application_and_nothing_else(cluster, smoke_run):
     head, base = cluster
     process, lines = _serve(head, smoke_run.uri, "--set", "serve.app_name=mine")
-    _wait_for_line(process, lines, "serve: ready on")
+    _wait_for_line(process, lines, "serve: ready as 'mine' at /v2 of the cluster's Serve HTTP address")
     assert {"mine", "other"} <= set(_apps(head))
     reply = requests.get(f"{base}/v2/models/digits", timeout=30)
     assert reply.status_code == 200 and reply.json()["name"] == "digits"
