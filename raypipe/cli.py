@@ -202,13 +202,12 @@ def _run_config(args: argparse.Namespace):
     from raypipe.storage import RunPaths
 
     storage = config_mod.load(args.config).storage
-    s3 = storage.s3
-    paths = RunPaths.open(runs.locate(args.run, storage), s3)
+    paths = RunPaths.open(runs.locate(args.run, storage), storage.s3)
     if not paths.exists("config.yaml"):
         raise ConfigError(f"{args.run}: no config.yaml (not a raypipe run)")
     overrides = dict(config_mod.parse_override(item) for item in args.set or [])
     tree = config_mod.upgrade(yaml.safe_load(paths.read_bytes("config.yaml")))
-    tree["storage"] = {"root": paths.root, "s3": s3.model_dump()}
+    tree["storage"] = {"root": paths.root, "s3": storage.s3.model_dump()}
     stored = copy.deepcopy(tree)  # validate() applies the overrides to the tree it is given
     cfg = config_mod.validate(tree, overrides)
     _log_config(cfg, f"{paths.uri}/config.yaml", lambda: config_mod.validate(stored))
@@ -323,11 +322,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["RAY_SERVE_LOG_TO_STDERR"] = "1"  # replicas write their access lines to the terminal too
     cfg = _load_config(args)
     _s3_to_env(cfg.storage.s3)
+    from raypipe import runs
     from raypipe.serving import server
     from raypipe.serving.app import deployment, proxy_env
     from raypipe.serving.catalog import open_sources
-
-    from raypipe import runs
 
     catalog = open_sources([runs.locate(source, cfg.storage) for source in args.sources], _variants(args.variants))
     app = deployment(catalog, cfg.serve)
