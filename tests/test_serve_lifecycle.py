@@ -82,6 +82,33 @@ def test_prepare_makes_a_private_folder_and_an_executable_wrapper(monkeypatch):
         shutil.rmtree(folder)
 
 
+def test_the_wrapper_survives_odd_paths_and_a_second_serve_in_one_process(tmp_path, monkeypatch):
+    folder = tmp_path / "it's here"  # a quote in the path must neither break nor inject into the script
+    folder.mkdir()
+    fake = folder / "haproxy"
+    fake.write_text("#!/bin/sh\necho real \"$@\"\n")
+    fake.chmod(0o700)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(fake))
+    monkeypatch.delenv(loopback.REAL_ENV, raising=False)
+    env, first = loopback.prepare()
+    try:
+        done = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-v"], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.split() == ["real", "-v"], done.stderr
+        for key, value in env.items():  # as cmd_serve leaves them for a second serve in this process
+            monkeypatch.setenv(key, value)
+    finally:
+        import shutil
+
+        shutil.rmtree(first)
+    env, second = loopback.prepare()
+    try:
+        assert env[loopback.REAL_ENV] == str(fake)  # the real binary, not the first (removed) wrapper
+    finally:
+        import shutil
+
+        shutil.rmtree(second)
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"node_resource": "edge"}, "serve.node_resource: no node offers the resource 'edge'"),
     ({"cpus_per_replica": 4}, "serve.cpus_per_replica: 1 replica(s) x 4.0 CPUs need 4 CPUs; the cluster has 2"),

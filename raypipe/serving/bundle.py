@@ -145,6 +145,8 @@ def pull(uri: str, cache: Path = DEFAULT_CACHE, digest: str | None = None) -> Pu
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_bytes(blob)
         (staging / BUNDLE).write_bytes(manifest)
+        if cached(cache, actual) is not None:  # another pull published a whole copy meanwhile: keep it
+            return Pulled(target, actual, fetched=True, source_read=True, damaged=[])
         if target.is_dir():  # a damaged earlier copy: set aside, then removed
             damaged = Path(tempfile.mkdtemp(dir=cache, prefix=".damaged-"))
             os.replace(target, damaged / "copy")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -31,6 +32,7 @@ from raypipe.config import ConfigError
 
 # Sections of the HAProxy config that Ray fills in for its own use and that no client needs to reach.
 SIDE_SECTIONS = ("frontend prometheus", "listen stats")
+REAL_ENV = "RAYPIPE_REAL_HAPROXY"  # the binary the wrapper runs
 LOOPBACK_ENV = "RAYPIPE_SERVE_LOOPBACK"  # set for the embedded Ray: replicas bind their gRPC server to 127.0.0.1
 
 
@@ -80,7 +82,8 @@ def _free_port() -> int:
 
 
 def _real_haproxy() -> str:
-    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    # An earlier `prepare` in this process pointed Ray's variable at its own (since removed) wrapper.
+    explicit = os.environ.get(REAL_ENV) or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
     if explicit:
         return explicit
     try:
@@ -102,11 +105,12 @@ def prepare() -> tuple[dict[str, str], Path]:
     folder = Path(tempfile.mkdtemp(prefix="rphap-", dir="/tmp" if os.path.isdir("/tmp") else None))  # 0700
     # Short on purpose: Ray adds a 56-character node id, and a Unix socket path holds about 107 bytes.
     wrapper = folder / "haproxy"
-    wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m raypipe.serving.loopback '{real}' "
-                       f"{_free_port()} {_free_port()} \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m raypipe.serving.loopback "
+                       f"{shlex.quote(real)} {_free_port()} {_free_port()} \"$@\"\n")
     wrapper.chmod(stat.S_IRWXU)
     env = {
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        REAL_ENV: real,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
